@@ -1,0 +1,1 @@
+"""Hugging Face <-> iada-jax conversion: one mapping table, both directions."""

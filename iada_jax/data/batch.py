@@ -1,0 +1,22 @@
+"""`Batch`: the one contract between the data pipeline and the model."""
+
+from __future__ import annotations
+
+import jax
+from flax import struct
+
+Array = jax.Array
+
+
+@struct.dataclass
+class Batch:
+    """A padded batch. Shapes are static per bucket; everything here lives on device.
+
+    input_ids       [B, T] int32   token ids (padding positions hold any valid id)
+    attention_mask  [B, T] int32   1 for real tokens, 0 for padding (left or right)
+    position_ids    [3, B, T] int32  M-RoPE (T, H, W) rows from `positions.get_rope_index`
+    """
+
+    input_ids: Array
+    attention_mask: Array
+    position_ids: Array

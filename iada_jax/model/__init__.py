@@ -1,0 +1,1 @@
+"""The Flax port of Qwen3-VL: layers, text decoder, full model."""

@@ -1,0 +1,114 @@
+"""`load_pretrained` and `Qwen3VL`: the model as a user holds it (config + params + jitted forward)."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from iada_jax.checkpoint import is_base_checkpoint, read_base_checkpoint
+from iada_jax.config import ForwardConfig, Qwen3VLConfig
+from iada_jax.data.batch import Batch
+from iada_jax.model.qwen3_vl import forward
+from iada_jax.positions import get_rope_index
+
+_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+
+
+class Qwen3VL:
+    """A loaded Qwen3-VL: `logits(...)` has the meaning of HF `Qwen3VLForConditionalGeneration(...).logits`."""
+
+    def __init__(self, config: Qwen3VLConfig, params: dict, fwd: ForwardConfig | None = None):
+        self.config = config
+        self.fwd = fwd or ForwardConfig(block_size=_default_block_size(config.text.num_hidden_layers))
+        self.fwd.check(config.text)
+        self.params = jax.tree.map(jnp.asarray, params)
+
+    # ------------------------------------------------------------------ host-side inputs
+    def make_batch(self, input_ids, attention_mask=None, image_grid_thw=None, video_grid_thw=None) -> Batch:
+        """Validate ids and mask, compute M-RoPE positions on the host, and build a `Batch`."""
+        ids = np.asarray(input_ids)
+        if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"input_ids must be a 2-D integer array [batch, seq], got shape {ids.shape} dtype {ids.dtype}")
+        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask shape {mask.shape} does not match input_ids shape {ids.shape}")
+        if not np.isin(mask, (0, 1)).all():
+            raise ValueError("attention_mask must hold only 0 and 1")
+        for b in np.flatnonzero(mask.sum(-1) == 0):
+            raise ValueError(f"sample {b}: attention_mask is all zeros (no tokens)")
+        bad = np.argwhere(((ids < 0) | (ids >= self.config.text.vocab_size)) & (mask == 1))
+        if len(bad):
+            b, t = bad[0]
+            raise ValueError(f"sample {b}, position {t}: token id {ids[b, t]} outside the vocabulary "
+                             f"[0, {self.config.text.vocab_size})")
+        positions, _ = get_rope_index(
+            ids, mask, image_grid_thw, video_grid_thw, image_token_id=self.config.image_token_id,
+            video_token_id=self.config.video_token_id, spatial_merge_size=self.config.vision.spatial_merge_size,
+        )
+        return Batch(
+            input_ids=jnp.asarray(np.where(mask == 1, ids, 0), jnp.int32),
+            attention_mask=jnp.asarray(mask, jnp.int32),
+            position_ids=jnp.asarray(positions, jnp.int32),
+        )
+
+    # ------------------------------------------------------------------ forward
+    @functools.cached_property
+    def _jitted(self):
+        return jax.jit(forward, static_argnames=("cfg", "fwd", "keep_hidden"))
+
+    def _run(self, keep_hidden, input_ids, attention_mask, pixel_values, image_grid_thw,
+             pixel_values_videos, video_grid_thw):
+        if pixel_values is not None or pixel_values_videos is not None:
+            raise NotImplementedError(
+                "image and video inputs need the vision tower, which is not ported yet; "
+                "pass text-only input_ids"
+            )
+        batch = self.make_batch(input_ids, attention_mask, image_grid_thw, video_grid_thw)
+        return self._jitted(self.params, batch, cfg=self.config, fwd=self.fwd, keep_hidden=keep_hidden)
+
+    def logits(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+               pixel_values_videos=None, video_grid_thw=None) -> np.ndarray:
+        """float32 [B, T, vocab]; values at padding positions are meaningless (as in HF)."""
+        logits, _ = self._run(False, input_ids, attention_mask, pixel_values, image_grid_thw,
+                              pixel_values_videos, video_grid_thw)
+        return np.asarray(logits, dtype=np.float32)
+
+    def hidden_states(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                      pixel_values_videos=None, video_grid_thw=None) -> np.ndarray:
+        """float32 [L + 1, B, T, D]: embeddings, then each decoder layer's output (before the final norm)."""
+        _, hidden = self._run(True, input_ids, attention_mask, pixel_values, image_grid_thw,
+                              pixel_values_videos, video_grid_thw)
+        return np.asarray(hidden, dtype=np.float32)
+
+
+def _default_block_size(num_layers: int) -> int:
+    """The IADA default S = 4 where it divides L; else the largest divisor of L not above 4."""
+    return max(s for s in range(1, 5) if num_layers % s == 0)
+
+
+def load_pretrained(path: str | os.PathLike, dtype: str = "float32", fwd: ForwardConfig | None = None) -> Qwen3VL:
+    """Load a converted checkpoint (from `python -m convert import-hf`) or an HF model folder.
+
+    dtype: parameter and compute dtype, "float32" or "bfloat16".
+    """
+    path = os.fspath(path)
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype {dtype!r} not supported; use one of {sorted(_DTYPES)}")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such folder (expected a converted checkpoint or an HF model folder)")
+    if is_base_checkpoint(path):
+        hf_config, params = read_base_checkpoint(path)
+        config = Qwen3VLConfig.from_hf_config(hf_config)
+        params = jax.tree.map(lambda x: x.astype(_DTYPES[dtype], copy=False), params)
+    else:
+        from convert.import_hf import read_hf_params
+
+        config, params = read_hf_params(path, dtype)
+    if fwd is None:
+        fwd = ForwardConfig(block_size=_default_block_size(config.text.num_hidden_layers), dtype=dtype)
+    return Qwen3VL(config, params, fwd)
