@@ -150,3 +150,25 @@ def test_traced_forward_holds_a_nested_scan_not_a_copy_per_layer(tiny_hf):
     assert counts[4] == counts[8], f"dot_general count grows with depth: {counts}"
     # q, k, v, o, gate, up, down, 2 in attention, 1 tied head.
     assert counts[4] == 10, counts
+
+
+def test_module_init_matches_the_converter_layout():
+    """Flax's own init of the module (tiny preset) has exactly the converter's text shapes:
+    the checkpoint layout and the module layout cannot drift apart."""
+    from convert.mapping import get_path, text_rules
+    from iada_jax.data.batch import Batch
+    from iada_jax.model.qwen3_vl import Qwen3VLForConditionalGeneration
+    from iada_jax.model.text import from_block_layout
+
+    cfg = iada_jax.Qwen3VLConfig.tiny()
+    fwd = ForwardConfig(block_size=2)
+    ids = np.zeros((1, 4), np.int32)
+    batch = Batch(ids, np.ones_like(ids), np.zeros((3, 1, 4), np.int32))
+    params = Qwen3VLForConditionalGeneration(cfg, fwd).init(jax.random.key(0), batch)["params"]
+    params = dict(params, model=dict(params["model"], language_model=from_block_layout(params["model"]["language_model"])))
+    rules = text_rules(cfg)
+    assert len(jax.tree.leaves(params)) == len(rules)
+    for rule in rules:
+        assert get_path(params, rule.jax).shape == rule.jax_shape, rule.hf
+    logits, _ = forward(params, batch, cfg=cfg, fwd=fwd)
+    assert logits.shape == (1, 4, cfg.text.vocab_size) and np.isfinite(logits).all()
