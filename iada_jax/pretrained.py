@@ -13,7 +13,8 @@ import numpy as np
 from iada_jax.checkpoint import is_base_checkpoint, read_base_checkpoint
 from iada_jax.config import ForwardConfig, Qwen3VLConfig
 from iada_jax.data.batch import Batch
-from iada_jax.model.qwen3_vl import forward
+from iada_jax.data.vision_inputs import build_vision_inputs
+from iada_jax.model.qwen3_vl import forward, vision_features
 from iada_jax.positions import get_rope_index
 
 _DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
@@ -29,8 +30,10 @@ class Qwen3VL:
         self.params = jax.tree.map(jnp.asarray, params)
 
     # ------------------------------------------------------------------ host-side inputs
-    def make_batch(self, input_ids, attention_mask=None, image_grid_thw=None, video_grid_thw=None) -> Batch:
-        """Validate ids and mask, compute M-RoPE positions on the host, and build a `Batch`."""
+    def make_batch(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                   pixel_values_videos=None, video_grid_thw=None) -> Batch:
+        """Validate the inputs, compute M-RoPE positions and vision layouts on the host, build a `Batch`."""
+        cfg = self.config
         ids = np.asarray(input_ids)
         if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
             raise ValueError(f"input_ids must be a 2-D integer array [batch, seq], got shape {ids.shape} dtype {ids.dtype}")
@@ -41,20 +44,49 @@ class Qwen3VL:
             raise ValueError("attention_mask must hold only 0 and 1")
         for b in np.flatnonzero(mask.sum(-1) == 0):
             raise ValueError(f"sample {b}: attention_mask is all zeros (no tokens)")
-        bad = np.argwhere(((ids < 0) | (ids >= self.config.text.vocab_size)) & (mask == 1))
+        bad = np.argwhere(((ids < 0) | (ids >= cfg.text.vocab_size)) & (mask == 1))
         if len(bad):
             b, t = bad[0]
             raise ValueError(f"sample {b}, position {t}: token id {ids[b, t]} outside the vocabulary "
-                             f"[0, {self.config.text.vocab_size})")
+                             f"[0, {cfg.text.vocab_size})")
+        for kind, pixels, grid in (("image", pixel_values, image_grid_thw), ("video", pixel_values_videos, video_grid_thw)):
+            if (pixels is None) != (grid is None):
+                raise ValueError(f"pass {kind} pixels and their grid_thw together (got only one of them)")
         positions, _ = get_rope_index(
-            ids, mask, image_grid_thw, video_grid_thw, image_token_id=self.config.image_token_id,
-            video_token_id=self.config.video_token_id, spatial_merge_size=self.config.vision.spatial_merge_size,
+            ids, mask, image_grid_thw, video_grid_thw, image_token_id=cfg.image_token_id,
+            video_token_id=cfg.video_token_id, spatial_merge_size=cfg.vision.spatial_merge_size,
         )
+        vision, visual_index = None, None
+        if pixel_values is not None or pixel_values_videos is not None:
+            vision, visual_index = self._vision_batch(ids, mask, pixel_values, image_grid_thw,
+                                                      pixel_values_videos, video_grid_thw)
         return Batch(
             input_ids=jnp.asarray(np.where(mask == 1, ids, 0), jnp.int32),
             attention_mask=jnp.asarray(mask, jnp.int32),
             position_ids=jnp.asarray(positions, jnp.int32),
+            vision=None if vision is None else jax.tree.map(jnp.asarray, vision),
+            visual_index=None if visual_index is None else jnp.asarray(visual_index, jnp.int32),
         )
+
+    def _vision_batch(self, ids, mask, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw):
+        """Pack images then videos into one vision sequence; the flat positions their tokens fill."""
+        cfg, merge2 = self.config, self.config.vision.spatial_merge_size**2
+        pixels, grids, index = [], [], []
+        for kind, token, pv, grid in (("image", cfg.image_token_id, pixel_values, image_grid_thw),
+                                      ("video", cfg.video_token_id, pixel_values_videos, video_grid_thw)):
+            if pv is None:
+                continue
+            grid = np.asarray(grid, np.int64).reshape(-1, 3)
+            positions = np.flatnonzero((ids == token) & (mask == 1))  # row-major, as HF masked_scatter
+            need = int(grid.prod(-1).sum()) // merge2
+            if len(positions) != need:
+                raise ValueError(f"{kind}s: the batch has {len(positions)} {kind} placeholder tokens but "
+                                 f"{kind}_grid_thw describes {need} merged {kind} tokens")
+            pixels.append(np.asarray(pv, np.float32))
+            grids.append(grid)
+            index.append(positions)
+        vision = build_vision_inputs(np.concatenate(pixels), np.concatenate(grids), cfg.vision)
+        return vision, np.concatenate(index)
 
     # ------------------------------------------------------------------ forward
     @functools.cached_property
@@ -63,13 +95,18 @@ class Qwen3VL:
 
     def _run(self, keep_hidden, input_ids, attention_mask, pixel_values, image_grid_thw,
              pixel_values_videos, video_grid_thw):
-        if pixel_values is not None or pixel_values_videos is not None:
-            raise NotImplementedError(
-                "image and video inputs need the vision tower, which is not ported yet; "
-                "pass text-only input_ids"
-            )
-        batch = self.make_batch(input_ids, attention_mask, image_grid_thw, video_grid_thw)
+        batch = self.make_batch(input_ids, attention_mask, pixel_values, image_grid_thw,
+                                pixel_values_videos, video_grid_thw)
         return self._jitted(self.params, batch, cfg=self.config, fwd=self.fwd, keep_hidden=keep_hidden)
+
+    def vision_features(self, pixel_values, grid_thw) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The vision tower alone, as HF `get_image_features` before the per-image split:
+        (merged tokens [sum(t*h*w)/4, D], one DeepStack feature [sum(t*h*w)/4, D] per tap)."""
+        vis = jax.tree.map(jnp.asarray, build_vision_inputs(pixel_values, grid_thw, self.config.vision))
+        batch = Batch(input_ids=None, attention_mask=None, position_ids=None, vision=vis)
+        merged, deepstack = jax.jit(vision_features, static_argnames=("cfg", "fwd"))(
+            self.params, batch, cfg=self.config, fwd=self.fwd)
+        return np.asarray(merged, np.float32), [np.asarray(d, np.float32) for d in deepstack]
 
     def logits(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                pixel_values_videos=None, video_grid_thw=None) -> np.ndarray:

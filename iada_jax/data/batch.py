@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 from flax import struct
 
+from iada_jax.data.vision_inputs import VisionInputs
+
 Array = jax.Array
 
 
@@ -15,8 +17,13 @@ class Batch:
     input_ids       [B, T] int32   token ids (padding positions hold any valid id)
     attention_mask  [B, T] int32   1 for real tokens, 0 for padding (left or right)
     position_ids    [3, B, T] int32  M-RoPE (T, H, W) rows from `positions.get_rope_index`
+    vision          VisionInputs of all images, then all videos, of the batch (None if text only)
+    visual_index    [Nv] int32     flat (b * T + t) position of each merged visual token, in the
+                                   order the vision tower emits them (images, then videos)
     """
 
     input_ids: Array
     attention_mask: Array
     position_ids: Array
+    vision: VisionInputs | None = None
+    visual_index: Array | None = None

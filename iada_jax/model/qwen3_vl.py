@@ -2,7 +2,8 @@
 
 Mirrors `Qwen3VLForConditionalGeneration` (transformers 5.23.0). The parameter tree keeps
 HF's module paths: {"model": {"language_model": ..., "visual": ...}, "lm_head": ...}.
-The vision tower is not ported yet: its parameters travel in the tree untouched.
+The vision tower is frozen: its outputs pass through `stop_gradient`, so no backward pass
+runs through it.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ from iada_jax.config import ForwardConfig, Qwen3VLConfig
 from iada_jax.data.batch import Batch
 from iada_jax.model.layers import Dense
 from iada_jax.model.text import TextModel, to_block_layout
+from iada_jax.model.vision import VisionModel
 
 Array = jax.Array
 
 
 class LanguageModelWrapper(nn.Module):
-    """The `model` level of HF's tree; holds `language_model` (and, later, `visual`)."""
+    """The `model` level of HF's tree (`Qwen3VLModel`): `visual` and `language_model`."""
 
     cfg: Qwen3VLConfig
     fwd: ForwardConfig
@@ -28,10 +30,23 @@ class LanguageModelWrapper(nn.Module):
 
     def setup(self):
         self.language_model = TextModel(self.cfg.text, self.fwd, self.keep_hidden)
+        self.visual = VisionModel(self.cfg.vision, jnp.dtype(self.fwd.dtype))
+
+    def vision_features(self, batch: Batch):
+        """(merged [Nv, D], DeepStack [K, Nv, D]) of the batch's images and videos, frozen."""
+        return jax.lax.stop_gradient(self.visual(batch.vision))
 
     def __call__(self, batch: Batch):
         embeds = self.language_model.embed_tokens(batch.input_ids)
-        h, hidden = self.language_model(embeds, batch.position_ids, batch.attention_mask)
+        deepstack = None
+        if batch.vision is not None:
+            merged, deepstack = self.vision_features(batch)
+            # masked_scatter of HF: visual features replace the placeholder embeddings.
+            b, t, d = embeds.shape
+            embeds = embeds.reshape(b * t, d).at[batch.visual_index].set(merged.astype(embeds.dtype)).reshape(b, t, d)
+        h, hidden = self.language_model(
+            embeds, batch.position_ids, batch.attention_mask, deepstack, batch.visual_index
+        )
         return h, embeds, hidden
 
     def tied_head(self, h: Array) -> Array:
@@ -59,6 +74,12 @@ class Qwen3VLForConditionalGeneration(nn.Module):
         if hidden is not None:
             hidden = jnp.concatenate([embeds[None], hidden], axis=0)
         return logits, hidden
+
+
+def vision_features(params: dict, batch: Batch, *, cfg: Qwen3VLConfig, fwd: ForwardConfig):
+    """The vision tower alone: (merged [Nv, D], DeepStack [K, Nv, D])."""
+    module = LanguageModelWrapper(cfg, fwd)
+    return module.apply({"params": params["model"]}, batch, method=LanguageModelWrapper.vision_features)
 
 
 def module_params(params: dict, fwd: ForwardConfig) -> dict:

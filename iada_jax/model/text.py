@@ -38,9 +38,25 @@ class LayerContext:
     sin: Array  # [B, T, hd]
     mask: Array  # [B, 1, T, T] bool
     seq_lengths: Array  # [B] int32, valid tokens per sample (cuDNN path)
+    deepstack: Array | None = None  # [K, Nv, D] visual features added after layers 0..K-1
+    visual_index: Array | None = None  # [Nv] flat (b * T + t) positions of the visual tokens
 
 
-jax.tree_util.register_dataclass(LayerContext, data_fields=["cos", "sin", "mask", "seq_lengths"], meta_fields=[])
+jax.tree_util.register_dataclass(
+    LayerContext, data_fields=["cos", "sin", "mask", "seq_lengths", "deepstack", "visual_index"], meta_fields=[]
+)
+
+
+def inject_deepstack(h: Array, layer_index: Array, ctx: LayerContext) -> Array:
+    """Mirrors `Qwen3VLTextModel._deepstack_process`: after decoder layer k < K, add
+    deepstack[k] at the visual positions. Selected by the scanned layer index, so the
+    layer stays one traced body (layers >= K add zeros)."""
+    if ctx.deepstack is None:
+        return h
+    k = ctx.deepstack.shape[0]
+    add = jnp.where(layer_index < k, ctx.deepstack[jnp.minimum(layer_index, k - 1)], 0).astype(h.dtype)
+    flat = h.reshape(-1, h.shape[-1]).at[ctx.visual_index].add(add)
+    return flat.reshape(h.shape)
 
 
 class Attention(nn.Module):
@@ -85,11 +101,11 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, h: Array, layer_index: Array, ctx: LayerContext):
-        del layer_index  # consumed by DeepStack injection (vision issue)
         x = RMSNorm(self.cfg.rms_norm_eps, name="input_layernorm")(h)
         h = h + Attention(self.cfg, self.implementation, name="self_attn")(x, ctx)
         x = RMSNorm(self.cfg.rms_norm_eps, name="post_attention_layernorm")(h)
         h = h + MLP(self.cfg, name="mlp")(x)
+        h = inject_deepstack(h, layer_index, ctx)
         return h, (h if self.keep_hidden else None)
 
 
@@ -144,16 +160,20 @@ class TextModel(nn.Module):
         )(self.cfg, self.fwd, self.keep_hidden)
         self.norm = RMSNorm(self.cfg.rms_norm_eps)
 
-    def __call__(self, inputs_embeds: Array, position_ids: Array, attention_mask: Array):
-        """inputs_embeds [B, T, D], position_ids [3, B, T], attention_mask [B, T].
+    def __call__(self, inputs_embeds: Array, position_ids: Array, attention_mask: Array,
+                 deepstack: Array | None = None, visual_index: Array | None = None):
+        """inputs_embeds [B, T, D], position_ids [3, B, T], attention_mask [B, T];
+        deepstack [K, Nv, D] and visual_index [Nv] when the batch has images or videos.
 
-        Returns (final normed hidden [B, T, D], per-layer outputs [L, B, T, D] or None).
+        Returns (final normed hidden [B, T, D], per-layer outputs [L, B, T, D] or None);
+        a layer's output is taken after its DeepStack addition (the state the next layer reads).
         """
         c = self.cfg
         cos, sin = mrope_cos_sin(position_ids, c.head_dim, c.rope_theta, c.mrope_section, inputs_embeds.dtype)
         ctx = LayerContext(
             cos=cos, sin=sin, mask=causal_padding_mask(attention_mask),
             seq_lengths=attention_mask.sum(-1).astype(jnp.int32),
+            deepstack=deepstack, visual_index=visual_index,
         )
         n_blocks = c.num_hidden_layers // self.fwd.block_size
         layer_index = jnp.arange(c.num_hidden_layers, dtype=jnp.int32).reshape(n_blocks, self.fwd.block_size)
