@@ -16,7 +16,7 @@ SPECIAL_IDS = dict(image_token_id=290, video_token_id=291, vision_start_token_id
 
 def hf_config(
     *, layers=4, hidden=64, heads=4, kv_heads=2, head_dim=24, mrope=(4, 4, 4), tied=True,
-    attention_bias=False, intermediate=96, vocab=300, vision_depth=2, deepstack=(0, 1),
+    attention_bias=False, intermediate=96, vocab=300, vision_depth=2, deepstack=(0, 1), merge=2,
 ):
     """A `transformers.Qwen3VLConfig` of a few-kilobyte model (same structure as the real ones)."""
     from transformers import Qwen3VLConfig
@@ -32,6 +32,7 @@ def hf_config(
         vision_config=dict(
             depth=vision_depth, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden,
             patch_size=4, num_position_embeddings=16, deepstack_visual_indexes=list(deepstack),
+            spatial_merge_size=merge,
         ),
         tie_word_embeddings=tied,
         **SPECIAL_IDS,
