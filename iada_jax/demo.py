@@ -5,7 +5,8 @@
 Builds a tiny random `Qwen3VLForConditionalGeneration` with transformers, saves it as a
 Hugging Face folder, converts it with `python -m convert import-hf`, loads the checkpoint
 with `iada_jax.load_pretrained`, and prints how far our logits are from transformers'
-on a left-padded batch, in float32 and bfloat16.
+on a left-padded text batch (float32 and bfloat16) and on a sample with a generated image
+(preprocessed by `iada_jax.data.image_processing`, run through the vision tower and DeepStack).
 """
 
 from __future__ import annotations
@@ -36,13 +37,13 @@ def main(argv: list[str] | None = None) -> int:
 
     shutil.rmtree(args.out, ignore_errors=True)
     hf_dir, ckpt = os.path.join(args.out, "hf"), os.path.join(args.out, "ckpt")
-    print(f"[1/3] building a tiny random Qwen3-VL (transformers) at {hf_dir}")
+    print(f"[1/4] building a tiny random Qwen3-VL (transformers) at {hf_dir}")
     hf = build_hf_model(hf_dir, seed=0)
-    print(f"[2/3] converting: python -m convert import-hf {hf_dir} {ckpt} --dtype float32")
+    print(f"[2/4] converting: python -m convert import-hf {hf_dir} {ckpt} --dtype float32")
     if convert_main(["import-hf", hf_dir, ckpt, "--dtype", "float32"]) != 0:
         return 1
 
-    print("[3/3] comparing logits on a left-padded batch of 3 samples (lengths 16, 11, 5)")
+    print("[3/4] comparing logits on a left-padded batch of 3 samples (lengths 16, 11, 5)")
     rng = np.random.default_rng(0)
     lengths = [16, 11, 5]
     ids = rng.integers(0, TEXT_VOCAB, (3, 16))
@@ -55,9 +56,30 @@ def main(argv: list[str] | None = None) -> int:
         err = np.abs(ours[valid] - ref[valid])
         print(f"  {dtype:9s} max |ours - transformers| = {err.max():.2e}  (mean {err.mean():.2e}, "
               f"logit scale {np.abs(ref[valid]).max():.1f})")
-    ours = iada_jax.load_pretrained(ckpt).logits(ids, mask)
-    ok = np.abs(ours[valid] - ref[valid]).max() <= 1e-4
-    print("float32 parity within 1e-4:", "yes" if ok else "NO")
+    model = iada_jax.load_pretrained(ckpt)
+    text_err = np.abs(model.logits(ids, mask)[valid] - ref[valid]).max()
+
+    print("[4/4] an image sample: PIL image -> pixel_values -> vision tower + DeepStack -> logits")
+    from PIL import Image
+
+    from iada_jax.data.image_processing import ImageProcessorConfig, preprocess_images
+    from iada_jax.tiny_hf import SPECIAL_IDS
+
+    image = Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8))
+    pv, grid = preprocess_images([image], ImageProcessorConfig(patch_size=4, min_pixels=64, max_pixels=1024))
+    n_tokens = int(grid.prod()) // 4
+    sample = [5, 6, SPECIAL_IDS["vision_start_token_id"]] + [SPECIAL_IDS["image_token_id"]] * n_tokens + [
+        SPECIAL_IDS["vision_end_token_id"], 7, 8, 9]
+    image_ids = np.array([sample])
+    with torch.no_grad():
+        image_ref = hf(input_ids=torch.as_tensor(image_ids), pixel_values=torch.as_tensor(pv),
+                       image_grid_thw=torch.as_tensor(grid),
+                       mm_token_type_ids=torch.as_tensor((image_ids == SPECIAL_IDS["image_token_id"]).astype(int))).logits
+    image_err = np.abs(model.logits(image_ids, pixel_values=pv, image_grid_thw=grid) - image_ref.numpy()).max()
+    print(f"  image {image.width}x{image.height} -> grid {grid[0].tolist()}, {n_tokens} image tokens: "
+          f"float32 max |ours - transformers| = {image_err:.2e}")
+    ok = max(text_err, image_err) <= 1e-4
+    print("float32 parity within 1e-4 (text and image):", "yes" if ok else "NO")
     return 0 if ok else 1
 
 

@@ -13,6 +13,7 @@ import numpy as np
 from iada_jax.checkpoint import is_base_checkpoint, read_base_checkpoint
 from iada_jax.config import ForwardConfig, Qwen3VLConfig
 from iada_jax.data.batch import Batch
+from iada_jax.data.image_processing import ImageProcessorConfig
 from iada_jax.data.vision_inputs import build_vision_inputs
 from iada_jax.model.qwen3_vl import forward, vision_features
 from iada_jax.positions import get_rope_index
@@ -23,8 +24,12 @@ _DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloa
 class Qwen3VL:
     """A loaded Qwen3-VL: `logits(...)` has the meaning of HF `Qwen3VLForConditionalGeneration(...).logits`."""
 
-    def __init__(self, config: Qwen3VLConfig, params: dict, fwd: ForwardConfig | None = None):
+    def __init__(self, config: Qwen3VLConfig, params: dict, fwd: ForwardConfig | None = None,
+                 image_config: ImageProcessorConfig | None = None):
+        """image_config: the preprocessing the model expects; when given, image and frame grids
+        larger than its max_pixels are refused (an image that skipped preprocessing)."""
         self.config = config
+        self.image_config = image_config
         self.fwd = fwd or ForwardConfig(block_size=_default_block_size(config.text.num_hidden_layers))
         self.fwd.check(config.text)
         self.params = jax.tree.map(jnp.asarray, params)
@@ -78,6 +83,7 @@ class Qwen3VL:
                 continue
             grid = np.asarray(grid, np.int64).reshape(-1, 3)
             positions = np.flatnonzero((ids == token) & (mask == 1))  # row-major, as HF masked_scatter
+            self._check_grid_sizes(kind, grid, positions, ids.shape[1])
             need = int(grid.prod(-1).sum()) // merge2
             if len(positions) != need:
                 raise ValueError(f"{kind}s: the batch has {len(positions)} {kind} placeholder tokens but "
@@ -87,6 +93,21 @@ class Qwen3VL:
             index.append(positions)
         vision = build_vision_inputs(np.concatenate(pixels), np.concatenate(grids), cfg.vision)
         return vision, np.concatenate(index)
+
+    def _check_grid_sizes(self, kind, grid, positions, seq_len):
+        if self.image_config is None:
+            return
+        limit, patch = self.image_config.max_pixels, self.config.vision.patch_size
+        tokens_per = grid.prod(-1) // self.config.vision.spatial_merge_size**2
+        first_token = np.concatenate([[0], np.cumsum(tokens_per)[:-1]])
+        for i, (t, h, w) in enumerate(grid):
+            if h * w * patch * patch > limit:
+                where = f"sample {positions[first_token[i]] // seq_len}, " if first_token[i] < len(positions) else ""
+                raise ValueError(
+                    f"{where}{kind} {i}: grid (t,h,w)=({t},{h},{w}) is {h * patch}x{w * patch} pixels per frame, above "
+                    f"max_pixels={limit}; preprocess it with iada_jax.data.image_processing (which resizes within the "
+                    "limit) or raise max_pixels in preprocessor_config.json"
+                )
 
     # ------------------------------------------------------------------ forward
     @functools.cached_property
@@ -148,4 +169,7 @@ def load_pretrained(path: str | os.PathLike, dtype: str = "float32", fwd: Forwar
         config, params = read_hf_params(path, dtype)
     if fwd is None:
         fwd = ForwardConfig(block_size=_default_block_size(config.text.num_hidden_layers), dtype=dtype)
-    return Qwen3VL(config, params, fwd)
+    image_config = None
+    if os.path.isfile(os.path.join(path, "preprocessor_config.json")):
+        image_config = ImageProcessorConfig.from_pretrained(path)
+    return Qwen3VL(config, params, fwd, image_config)

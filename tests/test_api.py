@@ -47,3 +47,31 @@ def test_load_pretrained_errors(tmp_path):
         iada_jax.load_pretrained(tmp_path / "nope")
     with pytest.raises(ValueError, match="dtype 'float16' not supported"):
         iada_jax.load_pretrained(tmp_path, dtype="float16")
+
+
+def test_image_larger_than_max_pixels_is_refused_naming_the_sample(tiny_hf):
+    from iada_jax.data.image_processing import ImageProcessorConfig
+
+    path, _ = tiny_hf("default")
+    m = iada_jax.load_pretrained(path)
+    # 1 merged token per 2x2 patches of 4x4 pixels: a 1x4x4 grid is 16x16 pixels, 4 tokens.
+    m.image_config = ImageProcessorConfig(patch_size=4, merge_size=2, min_pixels=64, max_pixels=200)
+    ids = np.array([[1, 2, 3, 4, 5, 6, 7], [1, 292, 290, 290, 290, 290, 293]])
+    with pytest.raises(ValueError, match=r"sample 1, image 0: grid \(t,h,w\)=\(1,4,4\) is 16x16 pixels per frame, "
+                                         r"above max_pixels=200"):
+        m.logits(ids, pixel_values=np.zeros((16, 96), np.float32), image_grid_thw=np.array([[1, 4, 4]]))
+    m.image_config = ImageProcessorConfig(patch_size=4, merge_size=2, min_pixels=64, max_pixels=256)
+    assert np.isfinite(m.logits(ids, pixel_values=np.zeros((16, 96), np.float32),
+                                image_grid_thw=np.array([[1, 4, 4]]))).all()
+
+
+def test_load_pretrained_reads_preprocessor_config(tiny_hf, tmp_path):
+    import shutil
+
+    path, _ = tiny_hf("default")
+    folder = tmp_path / "with_pre"
+    shutil.copytree(path, folder)
+    (folder / "preprocessor_config.json").write_text('{"size": {"longest_edge": 4096, "shortest_edge": 1024}, '
+                                                      '"patch_size": 4, "merge_size": 2}')
+    m = iada_jax.load_pretrained(folder)
+    assert (m.image_config.min_pixels, m.image_config.max_pixels) == (1024, 4096)
