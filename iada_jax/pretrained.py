@@ -114,6 +114,10 @@ class Qwen3VL:
     def _jitted(self):
         return jax.jit(forward, static_argnames=("cfg", "fwd", "keep_hidden"))
 
+    @functools.cached_property
+    def _jitted_vision(self):
+        return jax.jit(vision_features, static_argnames=("cfg", "fwd"))
+
     def _run(self, keep_hidden, input_ids, attention_mask, pixel_values, image_grid_thw,
              pixel_values_videos, video_grid_thw):
         batch = self.make_batch(input_ids, attention_mask, pixel_values, image_grid_thw,
@@ -125,8 +129,7 @@ class Qwen3VL:
         (merged tokens [sum(t*h*w)/4, D], one DeepStack feature [sum(t*h*w)/4, D] per tap)."""
         vis = jax.tree.map(jnp.asarray, build_vision_inputs(pixel_values, grid_thw, self.config.vision))
         batch = Batch(input_ids=None, attention_mask=None, position_ids=None, vision=vis)
-        merged, deepstack = jax.jit(vision_features, static_argnames=("cfg", "fwd"))(
-            self.params, batch, cfg=self.config, fwd=self.fwd)
+        merged, deepstack = self._jitted_vision(self.params, batch, cfg=self.config, fwd=self.fwd)
         return np.asarray(merged, np.float32), [np.asarray(d, np.float32) for d in deepstack]
 
     def logits(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
