@@ -16,11 +16,12 @@ import sys
 import tempfile
 from typing import Callable
 
+import jax
 import numpy as np
 
 from convert.mapping import mapping_table, set_path
 from convert.safetensors_io import FLOAT_DTYPES, SafetensorsError, TensorEntry, load_tensor, read_header
-from iada_jax.config import ConfigError, Qwen3VLConfig
+from iada_jax.config import ConfigError, Qwen3VLConfig, param_dtype
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -86,7 +87,7 @@ def read_hf_params(
         cfg = Qwen3VLConfig.from_hf_config(hf_dir)
     except ConfigError as e:
         raise ConversionError(hf_dir, [str(e)]) from None
-    target_dtype = _np_dtype(dtype)
+    target_dtype = param_dtype(dtype)
     entries, problems = index_tensors(hf_dir)
     rules = mapping_table(cfg)
     expected = {key: rule for rule in rules for key in rule.hf_keys()}
@@ -164,22 +165,6 @@ def import_hf(hf_dir: str, out_dir: str, dtype: str = "bfloat16", verbose: bool 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if verbose:
-        n = sum(int(np.prod(x.shape)) for x in _leaves(params))
+        n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
         print(f"wrote {out_dir} ({n:,} parameters, {dtype}; text layers {cfg.text.num_hidden_layers})", file=sys.stderr)
 
-
-def _np_dtype(name: str) -> np.dtype:
-    import ml_dtypes
-
-    table = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
-    if name not in table:
-        raise ValueError(f"dtype {name!r} not supported; use one of {sorted(table)}")
-    return table[name]
-
-
-def _leaves(tree):
-    if isinstance(tree, dict):
-        for v in tree.values():
-            yield from _leaves(v)
-    else:
-        yield tree

@@ -15,6 +15,17 @@ import os
 from typing import Any, Literal
 
 SUPPORTED_MODEL_TYPES = ("qwen3_vl",)
+PARAM_DTYPES = ("float32", "bfloat16")
+
+
+def param_dtype(name: str):
+    """The numpy dtype of a parameter dtype name ("float32" or "bfloat16")."""
+    import ml_dtypes
+    import numpy as np
+
+    if name not in PARAM_DTYPES:
+        raise ValueError(f"dtype {name!r} not supported; use one of {sorted(PARAM_DTYPES)}")
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(np.float32)
 
 
 class ConfigError(ValueError):

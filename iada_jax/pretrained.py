@@ -7,18 +7,15 @@ import os
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 
 from iada_jax.checkpoint import is_base_checkpoint, read_base_checkpoint
-from iada_jax.config import ForwardConfig, Qwen3VLConfig
+from iada_jax.config import ForwardConfig, Qwen3VLConfig, param_dtype
 from iada_jax.data.batch import Batch
 from iada_jax.data.image_processing import ImageProcessorConfig
 from iada_jax.data.vision_inputs import build_vision_inputs
 from iada_jax.model.qwen3_vl import forward, vision_features
 from iada_jax.positions import get_rope_index
-
-_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 
 
 class Qwen3VL:
@@ -158,14 +155,13 @@ def load_pretrained(path: str | os.PathLike, dtype: str = "float32", fwd: Forwar
     dtype: parameter and compute dtype, "float32" or "bfloat16".
     """
     path = os.fspath(path)
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype {dtype!r} not supported; use one of {sorted(_DTYPES)}")
+    target = param_dtype(dtype)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such folder (expected a converted checkpoint or an HF model folder)")
     if is_base_checkpoint(path):
         hf_config, params = read_base_checkpoint(path)
         config = Qwen3VLConfig.from_hf_config(hf_config)
-        params = jax.tree.map(lambda x: x.astype(_DTYPES[dtype], copy=False), params)
+        params = jax.tree.map(lambda x: x.astype(target, copy=False), params)
     else:
         from convert.import_hf import read_hf_params
 
