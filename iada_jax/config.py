@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 SUPPORTED_MODEL_TYPES = ("qwen3_vl",)
 PARAM_DTYPES = ("float32", "bfloat16")
@@ -147,6 +147,17 @@ class Qwen3VLConfig:
         )
 
     @classmethod
+    def qwen3_vl_2b(cls) -> "Qwen3VLConfig":
+        """The Qwen3-VL-2B-Instruct architecture (hub config.json), for parameter reports and
+        abstract shapes; real weights bring their own config through `from_hf_config`."""
+        text = TextConfig(
+            vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+            num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+        )
+        vision = VisionConfig(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, out_hidden_size=2048)
+        return cls(text=text, vision=vision, tie_word_embeddings=True)
+
+    @classmethod
     def tiny(cls, **text_overrides) -> "Qwen3VLConfig":
         """A few-kilobyte model for tests and the demo (same shape rules as the real ones)."""
         text = dict(
@@ -234,3 +245,125 @@ class ForwardConfig:
             raise ConfigError(
                 f"block_size={self.block_size} does not divide num_hidden_layers={text.num_hidden_layers}"
             )
+
+
+# ----------------------------------------------------------------------------- adapters
+
+LORA_ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """LoRA on the language stack, with PEFT's `LoraConfig` field names and semantics.
+
+    y = W x + (lora_dropout(x) @ A @ B) * scaling, scaling = lora_alpha / r (or / sqrt(r)
+    with `use_rslora`). A is initialised as PEFT does (kaiming-uniform with a = sqrt(5), i.e.
+    U(-1/sqrt(in), 1/sqrt(in)); N(0, 1/r) for init_lora_weights="gaussian"), B = 0.
+    target_modules: names among LORA_ALL_LINEAR, or "all-linear" for all of them. Only the
+    language stack is adapted: the vision tower stays frozen (IADA_SPEC.md).
+    Defaults: the paper's rank 16 on all linear layers; its alpha and dropout were lost in the
+    text, lora_alpha = 2r and dropout 0.05 are ours.
+    """
+
+    r: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.05
+    target_modules: tuple[str, ...] | str = "all-linear"
+    use_rslora: bool = False
+    init_lora_weights: bool | str = True
+    bias: str = "none"
+
+    def __post_init__(self):
+        if isinstance(self.target_modules, list):
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        if self.r < 1:
+            raise ConfigError(f"LoRA r={self.r} must be a positive integer")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout={self.lora_dropout} must be in [0, 1)")
+        if self.bias != "none":
+            raise ConfigError(f"LoRA bias={self.bias!r} is not supported (only 'none', PEFT's default)")
+        if self.init_lora_weights not in (True, "gaussian"):
+            raise ConfigError(f"init_lora_weights={self.init_lora_weights!r} is not supported; use True or 'gaussian'")
+        if isinstance(self.target_modules, str):
+            if self.target_modules != "all-linear":
+                raise ConfigError(f"target_modules={self.target_modules!r}: give a list of names or 'all-linear'")
+        else:
+            unknown = sorted(set(self.target_modules) - set(LORA_ALL_LINEAR))
+            if unknown or not self.target_modules:
+                raise ConfigError(f"target_modules {unknown or '[]'} not in the language stack's {list(LORA_ALL_LINEAR)}")
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        return LORA_ALL_LINEAR if self.target_modules == "all-linear" else tuple(self.target_modules)
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / (self.r**0.5 if self.use_rslora else self.r)
+
+    def targets(self, module_name: str) -> bool:
+        return module_name in self.modules
+
+
+IADA_CHOICES = {
+    "query": ("adaptive", "fixed"),
+    "routing": ("self_modal", "shared", "cross_modal", "text_only_adaptive", "vision_only_adaptive"),
+    "bottleneck": ("linear", "gelu"),
+    "pooling": ("mean", "attention"),
+    "granularity": ("sequence", "token"),
+    "gate": ("global", "per_block", "adaptive"),
+    "attend": ("sequence", "depth"),
+    "scope": ("prompt", "full", "causal"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class IadaConfig:
+    """Every switch of docs/IADA_SPEC.md, defaults first (the paper's condition D).
+
+    rank=None is the full-rank query projection (one d x d matrix per stream). block_size is
+    the boundary spacing S; the forward's `ForwardConfig.block_size` must equal it.
+    """
+
+    query: str = "adaptive"
+    routing: str = "self_modal"
+    shared_projection: bool = False
+    rank: Optional[int] = 16
+    bottleneck: str = "linear"
+    pooling: str = "mean"
+    granularity: str = "sequence"
+    gate: str = "global"
+    attend: str = "sequence"
+    scope: str = "prompt"
+    include_embedding: bool = True
+    include_current: bool = True
+    block_size: int = 4
+
+    def __post_init__(self):
+        for name, choices in IADA_CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"IADA {name}={getattr(self, name)!r}; choose one of {list(choices)}")
+        if self.rank is not None and self.rank < 1:
+            raise ConfigError(f"IADA rank={self.rank} must be a positive integer or None (full rank)")
+        if self.block_size < 1:
+            raise ConfigError(f"IADA block_size={self.block_size} must be positive")
+        partial = self.routing in ("text_only_adaptive", "vision_only_adaptive")
+        if partial and self.query == "fixed":
+            raise ConfigError(f"routing={self.routing!r} makes one stream adaptive; it cannot combine with query='fixed'")
+        if self.shared_projection and (self.routing not in ("self_modal", "cross_modal") or self.query != "adaptive"):
+            raise ConfigError("shared_projection=True needs two adaptive streams (routing self_modal or cross_modal, query adaptive)")
+        if self.granularity == "token" and (self.query != "adaptive" or self.routing == "cross_modal"):
+            raise ConfigError("granularity='token' builds each token's query from its own state: it needs "
+                              "query='adaptive' and a routing other than cross_modal")
+
+    @property
+    def streams(self) -> tuple[str, ...]:
+        """Routing streams: one over all tokens, or the visual and the text tokens."""
+        return ("all",) if self.routing == "shared" else ("visual", "text")
+
+    def stream_query(self, stream: str) -> str:
+        """'adaptive' or 'fixed' for one stream."""
+        if self.routing == "text_only_adaptive":
+            return "adaptive" if stream == "text" else "fixed"
+        if self.routing == "vision_only_adaptive":
+            return "adaptive" if stream == "visual" else "fixed"
+        return self.query

@@ -20,6 +20,9 @@ class Batch:
     vision          VisionInputs of all images, then all videos, of the batch (None if text only)
     visual_index    [Nv] int32     flat (b * T + t) position of each merged visual token, in the
                                    order the vision tower emits them (images, then videos)
+    loss_mask       [B, T] int32   1 where the token is a supervised target (an answer token);
+                                   IADA's `prompt` scope reads the tokens before a sample's
+                                   first 1. None at inference: the whole input is the prompt.
     """
 
     input_ids: Array
@@ -27,3 +30,4 @@ class Batch:
     position_ids: Array
     vision: VisionInputs | None = None
     visual_index: Array | None = None
+    loss_mask: Array | None = None

@@ -12,6 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from iada_jax.config import LoraConfig
+from iada_jax.lora import lora_delta
+
 Array = jax.Array
 
 
@@ -29,10 +32,12 @@ class RMSNorm(nn.Module):
 
 
 class Dense(nn.Module):
-    """`nn.Linear` with a Flax-layout kernel [in, out]; the hook where LoRA attaches."""
+    """`nn.Linear` with a Flax-layout kernel [in, out]; with `lora`, PEFT's LoRA Linear."""
 
     features: int
     use_bias: bool = False
+    lora: LoraConfig | None = None
+    deterministic: bool = True  # False enables LoRA dropout (needs a "dropout" rng)
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -40,6 +45,8 @@ class Dense(nn.Module):
         y = jnp.einsum("...i,io->...o", x, kernel.astype(x.dtype))
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(x.dtype)
+        if self.lora is not None:
+            y = y + lora_delta(self, x, self.features, self.lora, self.deterministic)
         return y
 
 

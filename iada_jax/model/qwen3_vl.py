@@ -12,10 +12,11 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from iada_jax.config import ForwardConfig, Qwen3VLConfig
+from iada_jax.config import ConfigError, ForwardConfig, IadaConfig, LoraConfig, Qwen3VLConfig
 from iada_jax.data.batch import Batch
+from iada_jax.iada import token_masks
 from iada_jax.model.layers import Dense
-from iada_jax.model.text import TextModel, to_block_layout
+from iada_jax.model.text import NO_ADAPTERS, Adapters, TextModel, from_block_layout, to_block_layout
 from iada_jax.model.vision import VisionModel
 
 Array = jax.Array
@@ -27,9 +28,10 @@ class LanguageModelWrapper(nn.Module):
     cfg: Qwen3VLConfig
     fwd: ForwardConfig
     keep_hidden: bool = False
+    adapters: Adapters = NO_ADAPTERS
 
     def setup(self):
-        self.language_model = TextModel(self.cfg.text, self.fwd, self.keep_hidden)
+        self.language_model = TextModel(self.cfg.text, self.fwd, self.keep_hidden, self.adapters)
         self.visual = VisionModel(self.cfg.vision, jnp.dtype(self.fwd.dtype))
 
     def vision_features(self, batch: Batch):
@@ -44,8 +46,12 @@ class LanguageModelWrapper(nn.Module):
             # masked_scatter of HF: visual features replace the placeholder embeddings.
             b, t, d = embeds.shape
             embeds = embeds.reshape(b * t, d).at[batch.visual_index].set(merged.astype(embeds.dtype)).reshape(b, t, d)
+        masks = None
+        if self.adapters.iada is not None:
+            masks = token_masks(batch.input_ids, batch.attention_mask, batch.loss_mask,
+                                (self.cfg.image_token_id, self.cfg.video_token_id))
         h, hidden = self.language_model(
-            embeds, batch.position_ids, batch.attention_mask, deepstack, batch.visual_index
+            embeds, batch.position_ids, batch.attention_mask, deepstack, batch.visual_index, masks
         )
         return h, embeds, hidden
 
@@ -57,6 +63,7 @@ class Qwen3VLForConditionalGeneration(nn.Module):
     cfg: Qwen3VLConfig
     fwd: ForwardConfig
     keep_hidden: bool = False
+    adapters: Adapters = NO_ADAPTERS
 
     @nn.compact
     def __call__(self, batch: Batch):
@@ -65,7 +72,7 @@ class Qwen3VLForConditionalGeneration(nn.Module):
         hidden states, when `keep_hidden`: [L + 1, B, T, D] = the embeddings, then the
         output of each decoder layer (the last one before the final norm).
         """
-        model = LanguageModelWrapper(self.cfg, self.fwd, self.keep_hidden, name="model")
+        model = LanguageModelWrapper(self.cfg, self.fwd, self.keep_hidden, self.adapters, name="model")
         h, embeds, hidden = model(batch)
         if self.cfg.tie_word_embeddings:
             logits = model.tied_head(h)
@@ -89,8 +96,66 @@ def module_params(params: dict, fwd: ForwardConfig) -> dict:
     return dict(params, model=model)
 
 
-def forward(params: dict, batch: Batch, *, cfg: Qwen3VLConfig, fwd: ForwardConfig, keep_hidden: bool = False):
-    """Pure forward over checkpoint-layout params. Jit with cfg/fwd/keep_hidden static."""
+def module_variables(params: dict, adapters: dict | None, fwd: ForwardConfig) -> dict:
+    """Storage layout -> the variables `Qwen3VLForConditionalGeneration.apply` reads.
+
+    adapters: {"lora": {"model": {"language_model": {"layers": ...}}}, "iada": {...}} (either
+    may be absent). LoRA factors are stacked like the layers; the IADA tree sits at the
+    block scan, which broadcasts it to every boundary.
+    """
+    variables = {"params": module_params(params, fwd)}
+    adapters = adapters or {}
+    if "lora" in adapters:
+        lm = adapters["lora"]["model"]["language_model"]
+        variables["lora"] = {"model": {"language_model": to_block_layout(lm, fwd.block_size)}}
+    if "iada" in adapters:
+        variables["iada"] = {"model": {"language_model": {"blocks": {"iada": adapters["iada"]}}}}
+    return variables
+
+
+def storage_adapters(variables: dict) -> dict:
+    """Inverse of `module_variables` for the adapter collections."""
+    out = {}
+    if "lora" in variables:
+        lm = variables["lora"]["model"]["language_model"]
+        out["lora"] = {"model": {"language_model": from_block_layout(lm)}}
+    if "iada" in variables:
+        out["iada"] = variables["iada"]["model"]["language_model"]["blocks"]["iada"]
+    return out
+
+
+def _adapters(lora: LoraConfig | None, iada: IadaConfig | None, fwd: ForwardConfig, deterministic: bool) -> Adapters:
+    if iada is not None and iada.block_size != fwd.block_size:
+        raise ConfigError(f"IADA block_size={iada.block_size} but the forward scans blocks of {fwd.block_size} "
+                          f"layers; build the ForwardConfig with block_size={iada.block_size}")
+    return Adapters(lora=lora, iada=iada, deterministic=deterministic)
+
+
+def forward(params: dict, batch: Batch, *, cfg: Qwen3VLConfig, fwd: ForwardConfig, keep_hidden: bool = False,
+            lora: LoraConfig | None = None, iada: IadaConfig | None = None, adapters: dict | None = None,
+            dropout_rng: jax.Array | None = None):
+    """Pure forward over storage-layout params (and adapter variables). Jit with cfg, fwd,
+    keep_hidden, lora and iada static. LoRA dropout runs iff `dropout_rng` is given."""
     fwd.check(cfg.text)
-    module = Qwen3VLForConditionalGeneration(cfg, fwd, keep_hidden)
-    return module.apply({"params": module_params(params, fwd)}, batch)
+    module = Qwen3VLForConditionalGeneration(cfg, fwd, keep_hidden, _adapters(lora, iada, fwd, dropout_rng is None))
+    rngs = {} if dropout_rng is None else {"dropout": dropout_rng}
+    return module.apply(module_variables(params, adapters, fwd), batch, rngs=rngs)
+
+
+def init_adapters(key: jax.Array, params: dict, *, cfg: Qwen3VLConfig, fwd: ForwardConfig,
+                  lora: LoraConfig | None = None, iada: IadaConfig | None = None) -> dict:
+    """Fresh adapter variables (storage layout) for a model whose base `params` are given.
+
+    Runs the forward once on a 2-token text batch with the adapter collections mutable, so
+    every LoRA and IADA variable is created by the code that uses it; the base is untouched.
+    Works under `jax.eval_shape` (abstract params) for parameter counts.
+    """
+    fwd.check(cfg.text)
+    module = Qwen3VLForConditionalGeneration(cfg, fwd, False, _adapters(lora, iada, fwd, True))
+    ids = jnp.zeros((1, 2), jnp.int32)
+    batch = Batch(input_ids=ids, attention_mask=jnp.ones_like(ids),
+                  position_ids=jnp.broadcast_to(jnp.arange(2, dtype=jnp.int32), (3, 1, 2)))
+    lora_key, iada_key = jax.random.split(key)
+    _, new = module.apply(module_variables(params, None, fwd), batch, rngs={"params": lora_key, "iada": iada_key},
+                          mutable=["lora", "iada"])
+    return storage_adapters(dict(new))

@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from iada_jax.config import ForwardConfig, TextConfig
+from iada_jax.config import ForwardConfig, IadaConfig, LoraConfig, TextConfig
+from iada_jax.iada import DepthAggregation, TokenMasks
 from iada_jax.model.layers import (
     Dense,
     Embed,
@@ -40,11 +41,32 @@ class LayerContext:
     seq_lengths: Array  # [B] int32, valid tokens per sample (cuDNN path)
     deepstack: Array | None = None  # [K, Nv, D] visual features added after layers 0..K-1
     visual_index: Array | None = None  # [Nv] flat (b * T + t) positions of the visual tokens
+    token_masks: TokenMasks | None = None  # what IADA reads (streams, scope)
 
 
 jax.tree_util.register_dataclass(
-    LayerContext, data_fields=["cos", "sin", "mask", "seq_lengths", "deepstack", "visual_index"], meta_fields=[]
+    LayerContext,
+    data_fields=["cos", "sin", "mask", "seq_lengths", "deepstack", "visual_index", "token_masks"],
+    meta_fields=[],
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class Adapters:
+    """What is added to the frozen stack: LoRA on its Dense layers, IADA at block boundaries.
+    `deterministic=False` turns LoRA dropout on (training; needs a "dropout" rng)."""
+
+    lora: LoraConfig | None = None
+    iada: IadaConfig | None = None
+    deterministic: bool = True
+
+    def dense(self, name: str) -> dict:
+        """Keyword arguments of the `Dense` called `name` (q_proj, ..., down_proj)."""
+        lora = self.lora if self.lora is not None and self.lora.targets(name) else None
+        return dict(lora=lora, deterministic=self.deterministic, name=name)
+
+
+NO_ADAPTERS = Adapters()
 
 
 def inject_deepstack(h: Array, layer_index: Array, ctx: LayerContext) -> Array:
@@ -64,32 +86,35 @@ class Attention(nn.Module):
 
     cfg: TextConfig
     implementation: str = "xla"
+    adapters: Adapters = NO_ADAPTERS
 
     @nn.compact
     def __call__(self, x: Array, ctx: LayerContext) -> Array:
-        c = self.cfg
+        c, ad = self.cfg, self.adapters
         b, t, _ = x.shape
-        q = Dense(c.num_attention_heads * c.head_dim, c.attention_bias, name="q_proj")(x)
-        k = Dense(c.num_key_value_heads * c.head_dim, c.attention_bias, name="k_proj")(x)
-        v = Dense(c.num_key_value_heads * c.head_dim, c.attention_bias, name="v_proj")(x)
+        q = Dense(c.num_attention_heads * c.head_dim, c.attention_bias, **ad.dense("q_proj"))(x)
+        k = Dense(c.num_key_value_heads * c.head_dim, c.attention_bias, **ad.dense("k_proj"))(x)
+        v = Dense(c.num_key_value_heads * c.head_dim, c.attention_bias, **ad.dense("v_proj"))(x)
         q = RMSNorm(c.rms_norm_eps, name="q_norm")(q.reshape(b, t, c.num_attention_heads, c.head_dim))
         k = RMSNorm(c.rms_norm_eps, name="k_norm")(k.reshape(b, t, c.num_key_value_heads, c.head_dim))
         v = v.reshape(b, t, c.num_key_value_heads, c.head_dim)
         q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
         a = dot_product_attention(q, k, v, ctx.mask, ctx.seq_lengths, self.implementation)
-        return Dense(c.hidden_size, c.attention_bias, name="o_proj")(a.reshape(b, t, -1))
+        return Dense(c.hidden_size, c.attention_bias, **ad.dense("o_proj"))(a.reshape(b, t, -1))
 
 
 class MLP(nn.Module):
     """Mirrors `Qwen3VLTextMLP`: down(silu(gate(x)) * up(x))."""
 
     cfg: TextConfig
+    adapters: Adapters = NO_ADAPTERS
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        gate = Dense(self.cfg.intermediate_size, name="gate_proj")(x)
-        up = Dense(self.cfg.intermediate_size, name="up_proj")(x)
-        return Dense(self.cfg.hidden_size, name="down_proj")(nn.silu(gate) * up)
+        ad = self.adapters
+        gate = Dense(self.cfg.intermediate_size, **ad.dense("gate_proj"))(x)
+        up = Dense(self.cfg.intermediate_size, **ad.dense("up_proj"))(x)
+        return Dense(self.cfg.hidden_size, **ad.dense("down_proj"))(nn.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -98,13 +123,14 @@ class DecoderLayer(nn.Module):
     cfg: TextConfig
     implementation: str = "xla"
     keep_hidden: bool = False
+    adapters: Adapters = NO_ADAPTERS
 
     @nn.compact
     def __call__(self, h: Array, layer_index: Array, ctx: LayerContext):
         x = RMSNorm(self.cfg.rms_norm_eps, name="input_layernorm")(h)
-        h = h + Attention(self.cfg, self.implementation, name="self_attn")(x, ctx)
+        h = h + Attention(self.cfg, self.implementation, self.adapters, name="self_attn")(x, ctx)
         x = RMSNorm(self.cfg.rms_norm_eps, name="post_attention_layernorm")(h)
-        h = h + MLP(self.cfg, name="mlp")(x)
+        h = h + MLP(self.cfg, self.adapters, name="mlp")(x)
         h = inject_deepstack(h, layer_index, ctx)
         return h, (h if self.keep_hidden else None)
 
@@ -116,75 +142,110 @@ _REMAT_POLICIES = {
 }
 
 
+# Collections of the layer stack: base params and LoRA are stacked per layer; RNG streams
+# (init, LoRA dropout) are split per layer; IADA parameters are one set broadcast to all blocks.
+_STACKED = {"params": 0, "lora": 0}
+_SPLIT_RNGS = {"params": True, "dropout": True, "iada": False}
+
+
+def _remat(cls, fwd: ForwardConfig):
+    if fwd.remat == "none":
+        return cls
+    if fwd.remat not in _REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {fwd.remat!r}; use one of {sorted(_REMAT_POLICIES)} or 'none'")
+    # prevent_cse=False is safe (and faster) under scan, per the jax.checkpoint docs.
+    return nn.remat(cls, policy=_REMAT_POLICIES[fwd.remat], prevent_cse=False)
+
+
 class Block(nn.Module):
-    """S consecutive decoder layers as an inner scan; the IADA boundary is at its end."""
+    """S consecutive decoder layers as an inner scan, then IADA at the boundary.
+
+    Scan signature: ((h, buffer), (layer_index [S], block_index), ctx) -> ((h, buffer), hidden).
+    buffer is the [N + 1, B, T, D] store of boundary states (None without IADA).
+    """
 
     cfg: TextConfig
     fwd: ForwardConfig
     keep_hidden: bool = False
+    adapters: Adapters = NO_ADAPTERS
 
     @nn.compact
-    def __call__(self, h: Array, layer_index: Array, ctx: LayerContext):
-        layer_cls = DecoderLayer
-        if self.fwd.remat != "none":
-            if self.fwd.remat not in _REMAT_POLICIES:
-                raise ValueError(f"unknown remat policy {self.fwd.remat!r}; use one of {sorted(_REMAT_POLICIES)} or 'none'")
-            # prevent_cse=False is safe (and faster) under scan, per the jax.checkpoint docs.
-            layer_cls = nn.remat(DecoderLayer, policy=_REMAT_POLICIES[self.fwd.remat], prevent_cse=False)
+    def __call__(self, carry, xs, ctx: LayerContext):
+        h, buffer = carry
+        layer_index, block_index = xs
         layers = nn.scan(
-            layer_cls,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
+            _remat(DecoderLayer, self.fwd),
+            variable_axes=_STACKED,
+            split_rngs=_SPLIT_RNGS,
             in_axes=(0, nn.broadcast),
             length=self.fwd.block_size,
-        )(self.cfg, self.fwd.attention, self.keep_hidden, name="layers")
+        )(self.cfg, self.fwd.attention, self.keep_hidden, self.adapters, name="layers")
         h, hidden = layers(h, layer_index, ctx)
-        return h, hidden
+        if self.adapters.iada is not None:
+            iada = _remat(DepthAggregation, self.fwd)(
+                self.adapters.iada, self.cfg.hidden_size, self.cfg.num_attention_heads,
+                self.cfg.num_hidden_layers // self.fwd.block_size, self.cfg.rms_norm_eps, name="iada",
+            )
+            h, buffer = iada(h, buffer, block_index, ctx.token_masks)
+        return (h, buffer), hidden
 
 
 class TextModel(nn.Module):
-    """Mirrors `Qwen3VLTextModel`: embed -> N scanned blocks -> final RMSNorm."""
+    """Mirrors `Qwen3VLTextModel`: embed -> N scanned blocks (IADA at each end) -> final RMSNorm."""
 
     cfg: TextConfig
     fwd: ForwardConfig
     keep_hidden: bool = False
+    adapters: Adapters = NO_ADAPTERS
 
     def setup(self):
         self.embed_tokens = Embed(self.cfg.vocab_size, self.cfg.hidden_size, jnp.dtype(self.fwd.dtype))
         self.blocks = nn.scan(
             Block,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
+            variable_axes=_STACKED,
+            variable_broadcast="iada",
+            split_rngs=_SPLIT_RNGS,
             in_axes=(0, nn.broadcast),
             length=self.cfg.num_hidden_layers // self.fwd.block_size,
-        )(self.cfg, self.fwd, self.keep_hidden)
+        )(self.cfg, self.fwd, self.keep_hidden, self.adapters)
         self.norm = RMSNorm(self.cfg.rms_norm_eps)
 
     def __call__(self, inputs_embeds: Array, position_ids: Array, attention_mask: Array,
-                 deepstack: Array | None = None, visual_index: Array | None = None):
+                 deepstack: Array | None = None, visual_index: Array | None = None,
+                 token_masks: TokenMasks | None = None):
         """inputs_embeds [B, T, D], position_ids [3, B, T], attention_mask [B, T];
-        deepstack [K, Nv, D] and visual_index [Nv] when the batch has images or videos.
+        deepstack [K, Nv, D] and visual_index [Nv] when the batch has images or videos;
+        token_masks when IADA is on.
 
         Returns (final normed hidden [B, T, D], per-layer outputs [L, B, T, D] or None);
-        a layer's output is taken after its DeepStack addition (the state the next layer reads).
+        a layer's output is taken after its DeepStack addition (the state the next layer
+        reads), and before the IADA injection at a block boundary.
         """
         c = self.cfg
         cos, sin = mrope_cos_sin(position_ids, c.head_dim, c.rope_theta, c.mrope_section, inputs_embeds.dtype)
         ctx = LayerContext(
             cos=cos, sin=sin, mask=causal_padding_mask(attention_mask),
             seq_lengths=attention_mask.sum(-1).astype(jnp.int32),
-            deepstack=deepstack, visual_index=visual_index,
+            deepstack=deepstack, visual_index=visual_index, token_masks=token_masks,
         )
         n_blocks = c.num_hidden_layers // self.fwd.block_size
         layer_index = jnp.arange(c.num_hidden_layers, dtype=jnp.int32).reshape(n_blocks, self.fwd.block_size)
-        h, hidden = self.blocks(inputs_embeds, layer_index, ctx)
+        block_index = jnp.arange(n_blocks, dtype=jnp.int32)
+        buffer = None
+        if self.adapters.iada is not None:
+            if token_masks is None:
+                raise ValueError("IADA needs token_masks (streams and scope of every token)")
+            # Boundary states H_0, H_S, ..., H_NS; entry 0 is the input embeddings.
+            buffer = jnp.zeros((n_blocks + 1,) + inputs_embeds.shape, inputs_embeds.dtype).at[0].set(inputs_embeds)
+        (h, _), hidden = self.blocks((inputs_embeds, buffer), (layer_index, block_index), ctx)
         if hidden is not None:
             hidden = hidden.reshape((c.num_hidden_layers,) + hidden.shape[2:])
         return self.norm(h), hidden
 
 
 def to_block_layout(lm_params: dict, block_size: int) -> dict:
-    """Checkpoint layout {layers: [L, ...]} -> module layout {blocks: {layers: [N, S, ...]}}."""
+    """Checkpoint layout {layers: [L, ...]} -> module layout {blocks: {layers: [N, S, ...]}}
+    (for any collection stacked with the layers: params, lora)."""
     out = {k: v for k, v in lm_params.items() if k != "layers"}
     out["blocks"] = {
         "layers": jax.tree.map(lambda x: x.reshape((-1, block_size) + x.shape[1:]), lm_params["layers"])

@@ -1,0 +1,313 @@
+"""Input-Adaptive Depth Aggregation: the operator at a block boundary, every switch of
+docs/IADA_SPEC.md.
+
+At boundary n (after decoder layer n*S) and for each routing stream m:
+
+    memory   M = {H_0, H_S, ..., H_nS} restricted to the stream's readable tokens
+    context  c = pool(H_nS over the stream's readable tokens)          float32
+    query    q = W_up (W_down c + b_down) + b_up                        (rank r)
+    retrieve a = softmax(q . rms(M) / sqrt(d_h)) M, per head, no projections
+    inject   H_nS[t] += g * a for every token t of the stream
+
+"Readable" is the scope: `prompt` = the sample's tokens before its first supervised token
+(all of them at inference), `full` = every token (leaks the answer), `causal` = prefix of
+each position. The boundary states are kept in a preallocated buffer [N + 1, B, T, D]
+carried by the block scan: entry 0 is H_0, entry n is H_nS before injection.
+
+Parameters live in the `iada` collection and are shared by all boundaries. Streams are
+named "visual" and "text" (or "all" for shared routing); a stream's parameters sit under
+`query_<stream>`, `pool_<stream>`, `gate`.
+
+Choices the spec fixes as ours: keys are RMS-normalised over the full hidden size (eps of
+the backbone, no scale) before the head split; the adaptive gate is tanh(w . c + b) with
+w = b = 0 (the spec's sigmoid cannot start at exactly 0, and identity at init is required).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from iada_jax.config import IadaConfig
+
+Array = jax.Array
+
+COLLECTION = "iada"
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenMasks:
+    """Per-token masks IADA reads, [B, T] bool each (built once per forward)."""
+
+    valid: Array  # real token (not padding)
+    visual: Array  # image/video placeholder position (valid only)
+    prompt: Array  # valid and before the sample's first supervised token
+
+
+jax.tree_util.register_dataclass(TokenMasks, data_fields=["valid", "visual", "prompt"], meta_fields=[])
+
+
+def token_masks(input_ids: Array, attention_mask: Array, loss_mask: Array | None, visual_ids: tuple[int, ...]) -> TokenMasks:
+    """The masks from the batch: visual = placeholder ids; prompt = before the first loss_mask 1
+    (every valid token when loss_mask is None, as at inference: the prefill is the prompt)."""
+    valid = attention_mask > 0
+    visual = valid & jnp.isin(input_ids, jnp.asarray(visual_ids, input_ids.dtype))
+    if loss_mask is None:
+        prompt = valid
+    else:
+        prompt = valid & (jnp.cumsum(loss_mask > 0, axis=1) == 0)
+    return TokenMasks(valid=valid, visual=visual, prompt=prompt)
+
+
+def stream_mask(masks: TokenMasks, stream: str) -> Array:
+    """The tokens a stream injects into (all of its tokens, answer included)."""
+    if stream == "all":
+        return masks.valid
+    if stream == "visual":
+        return masks.visual
+    return masks.valid & ~masks.visual
+
+
+def rms_normalize(x: Array, eps: float) -> Array:
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+
+
+# ----------------------------------------------------------------------------- pooling
+
+
+def mean_pool(h: Array, mask: Array, causal: bool) -> Array:
+    """Masked mean of h [B, T, D] (float32) over mask [B, T] -> [B, D]; causal: prefix means
+    [B, T, D] over tokens <= t. An empty set gives 0."""
+    w = mask.astype(jnp.float32)
+    if causal:
+        total = jnp.cumsum(h * w[..., None], axis=1)
+        count = jnp.cumsum(w, axis=1)[..., None]
+    else:
+        total = jnp.einsum("btd,bt->bd", h, w)
+        count = w.sum(axis=1)[..., None]
+    return total / jnp.maximum(count, 1.0)
+
+
+def _finite_or_zero(m: Array) -> Array:
+    """A softmax shift: the running max, or 0 where nothing was seen yet (max = -inf). The
+    shift cancels in the result, so it carries no gradient."""
+    return jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
+
+
+def safe_softmax(s: Array, mask: Array, axis: int) -> Array:
+    """Softmax over the masked entries of `axis`; all-masked rows give 0, with no NaN in the
+    forward or the backward (masked logits become -inf, whose exp and its derivative are 0)."""
+    s = jnp.where(mask, s, -jnp.inf)
+    e = jnp.exp(s - _finite_or_zero(jnp.max(s, axis=axis, keepdims=True)))
+    total = e.sum(axis=axis, keepdims=True)
+    return e / jnp.where(total > 0, total, 1.0)
+
+
+def _softmax_monoid(a, b):
+    """Combine two (max, normaliser, weighted sum) partial softmaxes (online softmax)."""
+    m1, l1, v1 = a
+    m2, l2, v2 = b
+    m = jnp.maximum(m1, m2)
+    m_safe = _finite_or_zero(m)
+    c1, c2 = jnp.exp(m1 - m_safe), jnp.exp(m2 - m_safe)
+    return m, l1 * c1 + l2 * c2, v1 * c1[..., None] + v2 * c2[..., None]
+
+
+def attention_pool(h: Array, mask: Array, u: Array, causal: bool) -> Array:
+    """sum_t softmax_t(u . h_t) h_t over mask (float32); causal: over tokens <= t, computed
+    with an associative scan so a later token never touches an earlier result."""
+    s = jnp.einsum("btd,d->bt", h, u)
+    if causal:
+        # Each position starts as a one-token softmax (max s_t, weight 1, value h_t).
+        m = jnp.where(mask, s, -jnp.inf)
+        l = mask.astype(jnp.float32)
+        v = jnp.where(mask[..., None], h, 0.0)
+        m, l, v = jax.lax.associative_scan(_softmax_monoid, (m, l, v), axis=1)
+        return v / jnp.where(l > 0, l, 1.0)[..., None]
+    return jnp.einsum("bt,btd->bd", safe_softmax(s, mask, axis=1), h)
+
+
+# ----------------------------------------------------------------------------- retrieval
+
+
+def cross_depth_attention(q: Array, buffer: Array, depth_ok: Array, readable: Array, causal: bool,
+                          num_heads: int, eps: float) -> Array:
+    """Multi-head attention of queries q [B, Tq, D] over every (depth, token) of the memory.
+
+    buffer [N+1, B, T, D]; depth_ok [N+1] bool; readable [B, T] bool; causal (Tq == T):
+    query t reads tokens <= t only. Softmax over all readable (depth, token) pairs, in float32,
+    accumulated online one depth at a time (memory O(B H Tq T), not O(N B H Tq T)).
+    Returns [B, Tq, D] float32, 0 for a query with nothing to read.
+    """
+    b, tq, d = q.shape
+    t = buffer.shape[2]
+    dh = d // num_heads
+    qh = q.reshape(b, tq, num_heads, dh) * (dh**-0.5)
+    allowed = readable[:, None, None, :]  # [B, 1, 1, T]
+    if causal:
+        allowed = allowed & (jnp.arange(t)[None, :] <= jnp.arange(tq)[:, None])[None, None]
+
+    @jax.checkpoint  # keep per-depth float32 keys and logits out of the backward's residuals
+    def step(carry, xs):
+        m, l, acc = carry
+        state, ok = xs
+        k = rms_normalize(state, eps).reshape(b, t, num_heads, dh)
+        v = state.astype(jnp.float32).reshape(b, t, num_heads, dh)
+        mask = allowed & ok
+        s = jnp.where(mask, jnp.einsum("bqhd,bkhd->bhqk", qh, k), -jnp.inf)
+        m_new = jnp.maximum(m, s.max(axis=-1))
+        m_safe = _finite_or_zero(m_new)
+        p = jnp.exp(s - m_safe[..., None])  # masked: exp(-inf) = 0
+        corr = jnp.exp(m - m_safe)  # 0 while m is still -inf
+        l = l * corr + p.sum(axis=-1)
+        acc = acc * jnp.moveaxis(corr, 1, 2)[..., None] + jnp.einsum("bhqk,bkhd->bqhd", p, v)
+        return (m_new, l, acc), None
+
+    init = (
+        jnp.full((b, num_heads, tq), -jnp.inf, jnp.float32),
+        jnp.zeros((b, num_heads, tq), jnp.float32),
+        jnp.zeros((b, tq, num_heads, dh), jnp.float32),
+    )
+    (_, l, acc), _ = jax.lax.scan(step, init, (buffer, depth_ok))
+    l = jnp.moveaxis(l, 1, 2)[..., None]  # [B, Tq, H, 1]
+    out = jnp.where(l > 0, acc / jnp.where(l > 0, l, 1.0), 0.0)
+    return out.reshape(b, tq, d)
+
+
+def depth_only_attention(q: Array, buffer: Array, depth_ok: Array, num_heads: int, eps: float) -> Array:
+    """attend="depth" (Kimi's Attention Residuals): token t attends to its own states at the
+    boundaries only. q [B, 1 or T, D] -> [B, T, D] float32."""
+    n1, b, t, d = buffer.shape
+    dh = d // num_heads
+    qh = jnp.broadcast_to(q, (b, t, d)).reshape(b, t, num_heads, dh) * (dh**-0.5)
+    k = rms_normalize(buffer, eps).reshape(n1, b, t, num_heads, dh)
+    s = jnp.einsum("bthd,nbthd->bthn", qh, k)
+    p = safe_softmax(s, depth_ok, axis=-1)
+    v = buffer.astype(jnp.float32).reshape(n1, b, t, num_heads, dh)
+    return jnp.einsum("bthn,nbthd->bthd", p, v).reshape(b, t, d)
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+def _iada_var(module: nn.Module, name: str, init):
+    """A variable in the `iada` collection; `init(key)` runs only when it is created.
+
+    Its key comes from the "iada" rng stream, which the block scan does not split: the
+    variables are broadcast to every boundary, so their init must not depend on the loop."""
+    return module.variable(COLLECTION, name, lambda: init(module.make_rng(COLLECTION))).value
+
+
+class QueryProjection(nn.Module):
+    """The query of one stream: adaptive (low-rank or full-rank map of its source) or fixed.
+
+    Init: W_down ~ N(0, 1/d), W_up = 0, biases 0, fixed query 0; so q = 0 at step 0.
+    """
+
+    kind: str  # "adaptive" | "fixed"
+    rank: int | None
+    bottleneck: str
+    features: int
+
+    @nn.compact
+    def __call__(self, source: Array) -> Array:
+        d = self.features
+        zeros = lambda shape: (lambda key: jnp.zeros(shape, jnp.float32))  # noqa: E731
+        if self.kind == "fixed":
+            return _iada_var(self, "query", zeros((d,)))
+        if self.rank is None:
+            w, bias = _iada_var(self, "kernel", zeros((d, d))), _iada_var(self, "bias", zeros((d,)))
+            return source @ w + bias
+        down = _iada_var(self, "down_kernel", lambda key: jax.random.normal(key, (d, self.rank), jnp.float32) / np.sqrt(d))
+        z = source @ down + _iada_var(self, "down_bias", zeros((self.rank,)))
+        if self.bottleneck == "gelu":
+            z = nn.gelu(z, approximate=False)
+        return z @ _iada_var(self, "up_kernel", zeros((self.rank, d))) + _iada_var(self, "up_bias", zeros((d,)))
+
+
+class DepthAggregation(nn.Module):
+    """IADA at one block boundary. (h [B, T, D], buffer [N+1, B, T, D], n) -> (h', buffer').
+
+    `block_index` is 0-based, so this boundary's buffer entry is block_index + 1. Parameters
+    are broadcast by the block scan: one set for all boundaries (per-block gates aside).
+    """
+
+    cfg: IadaConfig
+    hidden_size: int
+    num_heads: int
+    num_blocks: int
+    eps: float = 1e-6
+
+    @nn.compact
+    def __call__(self, h: Array, buffer: Array, block_index: Array, masks: TokenMasks):
+        c, d = self.cfg, self.hidden_size
+        entry = block_index + 1
+        buffer = jax.lax.dynamic_update_index_in_dim(buffer, h.astype(buffer.dtype), entry, axis=0)
+        depth = jnp.arange(self.num_blocks + 1)
+        depth_ok = (depth <= entry) if c.include_current else (depth < entry)
+        if not c.include_embedding:
+            depth_ok = depth_ok & (depth >= 1)
+
+        causal = c.scope == "causal"
+        scope = masks.prompt if c.scope == "prompt" else masks.valid
+        streams = c.streams
+        inject = {m: stream_mask(masks, m) for m in streams}
+        readable = {m: inject[m] & scope for m in streams}
+
+        h32 = h.astype(jnp.float32)
+        contexts = {}
+        for m in streams:
+            if c.pooling == "attention":
+                u = _iada_var(self, f"pool_{m}", lambda key: jnp.zeros((d,), jnp.float32))
+                contexts[m] = attention_pool(h32, readable[m], u, causal)
+            else:
+                contexts[m] = mean_pool(h32, readable[m], causal)
+
+        gates = self._gates(contexts, block_index)
+        shared = None
+        if c.shared_projection:
+            shared = QueryProjection("adaptive", c.rank, c.bottleneck, d, name="query_shared")
+        delta = jnp.zeros_like(h32)
+        for i, m in enumerate(streams):
+            kind = c.stream_query(m)
+            proj = shared or QueryProjection(kind, c.rank, c.bottleneck, d, name=f"query_{m}")
+            if c.granularity == "token":
+                source = h32  # [B, T, D]: each token's own state
+            elif c.routing == "cross_modal":
+                source = contexts[streams[1 - i]]
+            else:
+                source = contexts[m]
+            q = proj(source)
+            q = jnp.broadcast_to(q, (h.shape[0], d)) if q.ndim == 1 else q
+            if q.ndim == 2:
+                q = q[:, None, :]  # one sequence-level query: [B, 1, D]
+            if c.attend == "depth":
+                a = depth_only_attention(q, buffer, depth_ok, self.num_heads, self.eps)
+            else:
+                a = cross_depth_attention(q, buffer, depth_ok, readable[m], causal and q.shape[1] > 1,
+                                          self.num_heads, self.eps)
+            g = gates[i]
+            g = g.reshape(g.shape + (1,) * (3 - g.ndim)) if g.ndim else g  # [B] or [B, T] -> [B, 1|T, 1]
+            delta = delta + jnp.where(inject[m][..., None], g * a, 0.0)
+        return h + delta.astype(h.dtype), buffer
+
+    def _gates(self, contexts: dict, block_index: Array) -> list[Array]:
+        """One gate per stream: a scalar, this boundary's scalar, or tanh(w . c + b) per sample
+        (per position under the causal scope). All start at exactly 0."""
+        c = self.cfg
+        streams = c.streams
+        zeros = lambda shape: (lambda key: jnp.zeros(shape, jnp.float32))  # noqa: E731
+        if c.gate == "global":
+            g = _iada_var(self, "gate", zeros((len(streams),)))
+            return [g[i] for i in range(len(streams))]
+        if c.gate == "per_block":
+            g = _iada_var(self, "gate", zeros((self.num_blocks, len(streams))))[block_index]
+            return [g[i] for i in range(len(streams))]
+        w = _iada_var(self, "gate_kernel", zeros((len(streams), self.hidden_size)))
+        bias = _iada_var(self, "gate_bias", zeros((len(streams),)))
+        return [jnp.tanh(contexts[m] @ w[i] + bias[i]) for i, m in enumerate(streams)]

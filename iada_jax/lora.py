@@ -1,0 +1,49 @@
+"""LoRA with PEFT semantics, as a pure addition to a frozen `Dense`.
+
+Mirrors `peft.tuners.lora.layer.Linear` (peft 0.21.2):
+    y = base(x) + lora_B(lora_A(dropout(x))) * scaling
+with our Flax layout A [in, r], B [r, out] (PEFT stores the transposes, `lora_A.weight`
+[r, in] and `lora_B.weight` [out, r]). The factors live in the `lora` collection, on the
+`Dense` they adapt, so they are stacked with the scanned layers like the base kernels:
+checkpoint path `model/language_model/layers/self_attn/q_proj/{lora_A,lora_B}` [L, ...].
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from iada_jax.config import LoraConfig
+
+Array = jax.Array
+
+COLLECTION = "lora"
+
+
+def init_lora_a(key: Array, shape: tuple[int, int], cfg: LoraConfig) -> Array:
+    """Mirrors `LoraLayer.reset_lora_parameters`: kaiming_uniform_(a=sqrt(5)) on the [r, in]
+    torch weight is U(-1/sqrt(in), 1/sqrt(in)); "gaussian" is N(0, 1/r)."""
+    fan_in, r = shape
+    if cfg.init_lora_weights == "gaussian":
+        return jax.random.normal(key, shape, jnp.float32) / r
+    bound = 1.0 / math.sqrt(fan_in)
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+
+
+def lora_delta(module: nn.Module, x: Array, features: int, cfg: LoraConfig, deterministic: bool) -> Array:
+    """The low-rank update of `module` (a Dense being built) for input x [..., in].
+
+    Declares `lora_A` [in, r] and `lora_B` [r, out] in the `lora` collection of `module`.
+    Computed in x's dtype, as PEFT casts the input to the adapter's dtype.
+    """
+    shape_a = (x.shape[-1], cfg.r)
+    a = module.variable(COLLECTION, "lora_A", lambda: init_lora_a(module.make_rng("params"), shape_a, cfg)).value
+    b = module.variable(COLLECTION, "lora_B", lambda: jnp.zeros((cfg.r, features), jnp.float32)).value
+    if cfg.lora_dropout > 0.0 and not deterministic:
+        keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - cfg.lora_dropout, x.shape)
+        x = jnp.where(keep, x / (1.0 - cfg.lora_dropout), 0).astype(x.dtype)
+    low = jnp.einsum("...i,ir->...r", x, a.astype(x.dtype))
+    return jnp.einsum("...r,ro->...o", low, b.astype(x.dtype)) * jnp.asarray(cfg.scaling, x.dtype)
