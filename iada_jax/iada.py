@@ -109,7 +109,8 @@ def safe_softmax(s: Array, mask: Array, axis: int) -> Array:
 
 
 def _softmax_monoid(a, b):
-    """Combine two (max, normaliser, weighted sum) partial softmaxes (online softmax)."""
+    """Combine two (max, normaliser, weighted sum) partial softmaxes (online softmax). The
+    maxes carry no gradient: the normalisers and sums hold it (exp(s - max) at the leaves)."""
     m1, l1, v1 = a
     m2, l2, v2 = b
     m = jnp.maximum(m1, m2)
@@ -123,10 +124,11 @@ def attention_pool(h: Array, mask: Array, u: Array, causal: bool) -> Array:
     with an associative scan so a later token never touches an earlier result."""
     s = jnp.einsum("btd,d->bt", h, u)
     if causal:
-        # Each position starts as a one-token softmax (max s_t, weight 1, value h_t).
-        m = jnp.where(mask, s, -jnp.inf)
-        l = mask.astype(jnp.float32)
-        v = jnp.where(mask[..., None], h, 0.0)
+        # Each position starts as a one-token softmax: max s_t (no gradient), weight
+        # exp(s_t - max) = 1 (which carries the gradient in s_t), value weight * h_t.
+        m = jax.lax.stop_gradient(jnp.where(mask, s, -jnp.inf))
+        l = jnp.where(mask, jnp.exp(jnp.where(mask, s, 0.0) - _finite_or_zero(m)), 0.0)
+        v = l[..., None] * h
         m, l, v = jax.lax.associative_scan(_softmax_monoid, (m, l, v), axis=1)
         return v / jnp.where(l > 0, l, 1.0)[..., None]
     return jnp.einsum("bt,btd->bd", safe_softmax(s, mask, axis=1), h)
@@ -160,7 +162,7 @@ def cross_depth_attention(q: Array, buffer: Array, depth_ok: Array, readable: Ar
         v = state.astype(jnp.float32).reshape(b, t, num_heads, dh)
         mask = allowed & ok
         s = jnp.where(mask, jnp.einsum("bqhd,bkhd->bhqk", qh, k), -jnp.inf)
-        m_new = jnp.maximum(m, s.max(axis=-1))
+        m_new = jax.lax.stop_gradient(jnp.maximum(m, s.max(axis=-1)))  # a shift: no gradient
         m_safe = _finite_or_zero(m_new)
         p = jnp.exp(s - m_safe[..., None])  # masked: exp(-inf) = 0
         corr = jnp.exp(m - m_safe)  # 0 while m is still -inf

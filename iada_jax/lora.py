@@ -47,3 +47,16 @@ def lora_delta(module: nn.Module, x: Array, features: int, cfg: LoraConfig, dete
         x = jnp.where(keep, x / (1.0 - cfg.lora_dropout), 0).astype(x.dtype)
     low = jnp.einsum("...i,ir->...r", x, a.astype(x.dtype))
     return jnp.einsum("...r,ro->...o", low, b.astype(x.dtype)) * jnp.asarray(cfg.scaling, x.dtype)
+
+
+def peft_target_modules(cfg: LoraConfig) -> str:
+    """PEFT `target_modules` selecting exactly the modules we adapt: a full-match regex over
+    the language stack, since PEFT's own "all-linear" would also take the vision tower."""
+    attn = [m[:-5] for m in cfg.modules if m in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    mlp = [m[:-5] for m in cfg.modules if m in ("gate_proj", "up_proj", "down_proj")]
+    parts = []
+    if attn:
+        parts.append(rf"self_attn\.({'|'.join(attn)})_proj")
+    if mlp:
+        parts.append(rf"mlp\.({'|'.join(mlp)})_proj")
+    return rf"model\.language_model\.layers\.\d+\.({'|'.join(parts)})"

@@ -57,12 +57,13 @@ def count_trainable(exp: Experiment, cfg: Qwen3VLConfig, base=None) -> dict[str,
     return {c: sum(math.prod(x.shape) for x in jax.tree.leaves(shapes.get(c, {}))) for c in ("lora", "iada")}
 
 
-def report(names: list[str], cfg: Qwen3VLConfig, out=sys.stdout) -> list[dict]:
+def report(experiments: list[Experiment], cfg: Qwen3VLConfig, out=None) -> list[dict]:
+    out = out or sys.stdout
     base = abstract_base_params(cfg)
     rows = []
     print(f"{'experiment':38s} {'LoRA':>11s} {'IADA':>11s} {'IADA≈':>7s} {'paper':>7s}  match", file=out)
-    for name in names:
-        exp = EXPERIMENTS[name]
+    for exp in experiments:
+        name = exp.name
         n = count_trainable(exp, cfg, base)
         ours = paper_format(n["iada"]) if exp.iada is not None else "-"
         paper = exp.paper_iada_params or "-"
@@ -86,15 +87,11 @@ def main(argv=None) -> int:
     ap.add_argument("--block-size", type=int, help="IADA block size S (default: the experiment's, 4)")
     args = ap.parse_args(argv)
     cfg = Qwen3VLConfig.from_hf_config(args.config) if args.config else Qwen3VLConfig.qwen3_vl_2b()
-    names = args.exp or list(EXPERIMENTS)
-    for name in names:
-        get_experiment(name)  # unknown names fail here, listing the known ones
-    if args.block_size is not None:
-        for name in names:
-            EXPERIMENTS[name] = get_experiment(name, args.block_size)
+    # Unknown names fail here, listing the known ones.
+    experiments = [get_experiment(name, args.block_size) for name in (args.exp or list(EXPERIMENTS))]
     t = cfg.text
     print(f"trainable parameters at d={t.hidden_size}, L={t.num_hidden_layers}, heads={t.num_attention_heads}\n")
-    report(names, cfg)
+    report(experiments, cfg)
     return 0
 
 

@@ -1,0 +1,118 @@
+"""Loss, gradients over the trainable collections, and the optimizer over collections.
+
+Trainability is decided by collection. The variables a step sees are
+{"params": frozen base, "lora": ..., "iada": ...}; the optimizer is an
+`optax.multi_transform` over the labels {lora, iada, frozen}: AdamW with its own learning
+rate and schedule for each trainable collection, `set_to_zero` (no state) for the rest.
+Gradients are taken with respect to the trainable collections only, so no backward pass
+ever produces a gradient for the 2B frozen weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from iada_jax.data.batch import Batch
+
+Array = jax.Array
+
+TRAINABLE = ("lora", "iada")
+FROZEN = "frozen"
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW per trainable collection. The paper's learning rates were lost in its text;
+    2e-4 for LoRA (the usual PEFT figure) and 1e-3 for IADA are ours."""
+
+    lora_lr: float = 2e-4
+    iada_lr: float = 1e-3
+    schedule: str = "cosine"  # "cosine" | "linear" | "constant", after a linear warmup
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    max_grad_norm: float | None = 1.0
+
+    def __post_init__(self):
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ValueError(f"schedule={self.schedule!r}; use 'cosine', 'linear' or 'constant'")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio={self.warmup_ratio} must be in [0, 1)")
+
+
+def learning_rate_schedule(peak: float, total_steps: int, cfg: OptimizerConfig) -> optax.Schedule:
+    warmup = int(round(cfg.warmup_ratio * total_steps))
+    decay = max(total_steps - warmup, 1)
+    if cfg.schedule == "cosine":
+        after = optax.cosine_decay_schedule(peak, decay)
+    elif cfg.schedule == "linear":
+        after = optax.linear_schedule(peak, 0.0, decay)
+    else:
+        after = optax.constant_schedule(peak)
+    if warmup == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
+
+
+def collection_labels(variables: dict, trainable: tuple[str, ...] = TRAINABLE) -> dict:
+    """A label per leaf: its collection name if trained, else "frozen"."""
+    return {
+        col: jax.tree.map(lambda _: col if col in trainable else FROZEN, tree)
+        for col, tree in variables.items()
+    }
+
+
+def make_optimizer(cfg: OptimizerConfig, total_steps: int, trainable: tuple[str, ...] = TRAINABLE
+                   ) -> optax.GradientTransformation:
+    """Global-norm clipping over all trainable gradients, then AdamW per collection."""
+    transforms = {FROZEN: optax.set_to_zero()}
+    peaks = {"lora": cfg.lora_lr, "iada": cfg.iada_lr}
+    for col in trainable:
+        transforms[col] = optax.adamw(
+            learning_rate_schedule(peaks[col], total_steps, cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+        )
+    inner = optax.multi_transform(transforms, lambda v: collection_labels(v, trainable))
+    if cfg.max_grad_norm is None:
+        return inner
+    return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), inner)
+
+
+def split_trainable(variables: dict, trainable: tuple[str, ...] = TRAINABLE) -> tuple[dict, dict]:
+    """(trainable collections, frozen collections)."""
+    return ({k: v for k, v in variables.items() if k in trainable},
+            {k: v for k, v in variables.items() if k not in trainable})
+
+
+def apply_gradients(tx: optax.GradientTransformation, opt_state, trainable: dict, frozen: dict, grads: dict):
+    """One optimizer update. Frozen collections enter as zero gradients (set_to_zero ignores
+    them and holds no state; XLA removes the dead zeros) and are returned untouched."""
+    full_grads = {**jax.tree.map(jnp.zeros_like, frozen), **grads}
+    updates, opt_state = tx.update(full_grads, opt_state, {**frozen, **trainable})
+    new = optax.apply_updates(trainable, {k: updates[k] for k in trainable})
+    return new, opt_state
+
+
+def next_token_loss(logits: Array, batch: Batch) -> tuple[Array, Array]:
+    """Mean cross-entropy of the supervised next tokens, in float32: position t predicts
+    token t + 1 where loss_mask[t + 1] = 1. Returns (loss, number of supervised tokens)."""
+    if batch.loss_mask is None:
+        raise ValueError("training needs batch.loss_mask (1 on the answer tokens to supervise)")
+    targets = batch.input_ids[:, 1:]
+    weights = (batch.loss_mask[:, 1:] * batch.attention_mask[:, 1:]).astype(jnp.float32)
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    count = weights.sum()
+    return (nll * weights).sum() / jnp.maximum(count, 1.0), count
+
+
+def trainable_value_and_grad(loss_fn: Callable[[dict, dict], Array]):
+    """(trainable, frozen, *args) -> (loss, grads over trainable only)."""
+    return jax.value_and_grad(loss_fn, argnums=0)
