@@ -16,7 +16,7 @@ import iada_jax
 from iada_jax.config import ConfigError, ForwardConfig, IadaConfig, LoraConfig
 from iada_jax.data.batch import Batch
 from iada_jax.experiments import EXPERIMENTS, get_experiment
-from iada_jax.iada import DepthAggregation, TokenMasks
+from iada_jax.iada import DepthAggregation, TokenMasks, token_masks
 from iada_jax.model.qwen3_vl import forward, init_adapters
 
 # ----------------------------------------------------------------------------- the operator
@@ -97,7 +97,6 @@ def test_operator_matches_literal_reference(name, block):
 
 # ----------------------------------------------------------------------------- in the model
 
-IMG = None  # set from the model config in the fixture
 
 
 @pytest.fixture(scope="module")
@@ -378,3 +377,50 @@ def test_block_size_mismatch_and_bad_switches_are_refused(model):
     with pytest.raises(KeyError, match="D_iada_lora"):
         get_experiment("E_unknown")
     assert LoraConfig().r == 16 and IadaConfig().rank == 16
+
+
+def test_iada_with_real_images_is_padding_invariant_and_reads_the_visual_stream(tiny_hf):
+    """Vision features scattered into the placeholders, DeepStack on, IADA on: a sample's logits
+    do not depend on its batch-mates or padding, and the visual stream is the placeholder span."""
+    from iada_jax.tiny_hf import SPECIAL_IDS
+    path, _ = tiny_hf("vision_merge2", seed=7, layers=4, vision_depth=2, deepstack=(0, 1), merge=2, tied=True)
+    vlm = iada_jax.load_pretrained(path, fwd=ForwardConfig(block_size=2))
+    exp = _exp("D_iada_lora")
+    adapters = live_adapters(vlm, exp)
+    rng = np.random.default_rng(0)
+    patch_dim = vlm.config.vision.patch_dim
+    grid = np.asarray([[1, 4, 4]])
+    img = [SPECIAL_IDS["vision_start_token_id"]] + [vlm.config.image_token_id] * 4 + [SPECIAL_IDS["vision_end_token_id"]]
+    sample_a = [3, 4] + img + [5, 6, 7, 8, 9]  # answer = the last 3 tokens
+    sample_b = [10, 11, 12, 13, 14, 15]
+    pv = rng.standard_normal((16, patch_dim)).astype(np.float32)
+
+    def batch_of(rows, side, loss_from):
+        t = max(len(r) for r in rows)
+        ids = np.zeros((len(rows), t), np.int64)
+        mask = np.zeros_like(ids)
+        loss = np.zeros_like(ids)
+        for b, r in enumerate(rows):
+            off = t - len(r) if side == "left" else 0
+            ids[b, off:off + len(r)], mask[b, off:off + len(r)] = r, 1
+            loss[b, off + loss_from[b]:off + len(r)] = 1
+        has_image = any(vlm.config.image_token_id in r for r in rows)
+        batch = vlm.make_batch(ids, mask, pixel_values=pv if has_image else None,
+                               image_grid_thw=grid if has_image else None)
+        return batch.replace(loss_mask=jnp.asarray(loss, jnp.int32)), mask.astype(bool)
+
+    alone_a, _ = batch_of([sample_a], "right", [len(sample_a) - 3])
+    alone_b, _ = batch_of([sample_b], "right", [2])
+    ref_a, ref_b = run(vlm, exp, adapters, alone_a)[0], run(vlm, exp, adapters, alone_b)[0]
+    base_a = run(vlm, dataclasses.replace(exp, lora=None, iada=None), None, alone_a)[0]
+    assert np.abs(ref_a - base_a).max() > 1e-2, "live IADA should change the image sample"
+    for side in ("left", "right"):
+        batch, mask = batch_of([sample_b, sample_a], side, [2, len(sample_a) - 3])
+        masks = token_masks(batch.input_ids, batch.attention_mask, batch.loss_mask,
+                            (vlm.config.image_token_id, vlm.config.video_token_id))
+        assert np.asarray(masks.visual).sum(1).tolist() == [0, 4]
+        assert np.asarray(masks.prompt).sum(1).tolist() == [2, len(sample_a) - 3]
+        out = run(vlm, exp, adapters, batch)
+        for got, ref, m in ((out[0], ref_b, mask[0]), (out[1], ref_a, mask[1])):
+            err = np.abs(got[m] - ref).max() / np.abs(ref).max()
+            assert err < 1e-5, f"{side} padding: relative diff {err:.2e}"
