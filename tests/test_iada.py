@@ -424,3 +424,35 @@ def test_iada_with_real_images_is_padding_invariant_and_reads_the_visual_stream(
         for got, ref, m in ((out[0], ref_b, mask[0]), (out[1], ref_a, mask[1])):
             err = np.abs(got[m] - ref).max() / np.abs(ref).max()
             assert err < 1e-5, f"{side} padding: relative diff {err:.2e}"
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_rematerialised_forward_and_gradient_equal_the_plain_ones(model, remat):
+    exp = _exp("D_iada_lora")
+    adapters = live_adapters(model, exp)
+    batch = make_batch(model, [ROW_A, ROW_C], loss_from=[8, 2])
+    fwd_remat = dataclasses.replace(model.fwd, remat=remat)
+
+    def loss(ad, fwd):
+        logits, _ = forward(model.params, batch, cfg=model.config, fwd=fwd, lora=exp.lora, iada=exp.iada, adapters=ad)
+        return jnp.mean(logits**2)
+
+    grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+    (v0, g0), (v1, g1) = grad(adapters, model.fwd), grad(adapters, fwd_remat)
+    np.testing.assert_allclose(float(v1), float(v0), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_bfloat16_forward_with_iada_stays_close_to_float32(model):
+    exp = _exp("D_iada_lora")
+    adapters = live_adapters(model, exp)
+    batch = make_batch(model, [ROW_A, ROW_C], loss_from=[8, 2])
+    f32 = run(model, exp, adapters, batch)
+    fwd16 = dataclasses.replace(model.fwd, dtype="bfloat16")
+    bf16, _ = _forward(model.params, batch, cfg=model.config, fwd=fwd16, lora=exp.lora, iada=exp.iada, adapters=adapters)
+    bf16 = np.asarray(bf16, np.float32)
+    mask = np.asarray(batch.attention_mask).astype(bool)
+    err = np.abs(bf16[mask] - f32[mask])
+    print(f"[IADA bf16 vs f32] max {err.max():.3f}, mean {err.mean():.4f}, logit scale {np.abs(f32[mask]).max():.1f}")
+    assert np.isfinite(bf16).all() and err.mean() < 0.02 * np.abs(f32[mask]).max()
