@@ -71,7 +71,7 @@ def collection_labels(variables: dict, trainable: tuple[str, ...] = TRAINABLE) -
 
 def make_optimizer(cfg: OptimizerConfig, total_steps: int, trainable: tuple[str, ...] = TRAINABLE
                    ) -> optax.GradientTransformation:
-    """Global-norm clipping over all trainable gradients, then AdamW per collection."""
+    """AdamW per trainable collection, set_to_zero for the rest (clipping: `clip_gradients`)."""
     transforms = {FROZEN: optax.set_to_zero()}
     peaks = {"lora": cfg.lora_lr, "iada": cfg.iada_lr}
     for col in trainable:
@@ -79,10 +79,16 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int, trainable: tuple[str,
             learning_rate_schedule(peaks[col], total_steps, cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
             weight_decay=cfg.weight_decay,
         )
-    inner = optax.multi_transform(transforms, lambda v: collection_labels(v, trainable))
-    if cfg.max_grad_norm is None:
-        return inner
-    return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), inner)
+    return optax.multi_transform(transforms, lambda v: collection_labels(v, trainable))
+
+
+def clip_gradients(grads: dict, max_norm: float | None) -> tuple[dict, Array]:
+    """Global-norm clipping over the trainable gradients only; returns (grads, norm before)."""
+    norm = optax.global_norm(grads)
+    if max_norm is None:
+        return grads, norm
+    scale = jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-12))
+    return jax.tree.map(lambda g: g * scale, grads), norm
 
 
 def split_trainable(variables: dict, trainable: tuple[str, ...] = TRAINABLE) -> tuple[dict, dict]:
@@ -116,3 +122,49 @@ def next_token_loss(logits: Array, batch: Batch) -> tuple[Array, Array]:
 def trainable_value_and_grad(loss_fn: Callable[[dict, dict], Array]):
     """(trainable, frozen, *args) -> (loss, grads over trainable only)."""
     return jax.value_and_grad(loss_fn, argnums=0)
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def init_train_state(trainable: dict, frozen: dict, tx: optax.GradientTransformation) -> dict:
+    """step (optimizer updates done), micro (micro-batches accumulated since), the trainable
+    collections (float32), the optimizer state, and the gradient accumulator."""
+    return {
+        "step": jnp.zeros((), jnp.int32),
+        "micro": jnp.zeros((), jnp.int32),
+        "trainable": trainable,
+        "opt_state": tx.init({**frozen, **trainable}),
+        "accum": jax.tree.map(jnp.zeros_like, trainable),
+    }
+
+
+def train_step(state: dict, frozen: dict, batch: Batch, key: Array, *, forward_fn: Callable,
+               tx: optax.GradientTransformation, accum_steps: int, dropout: bool, max_grad_norm: float | None):
+    """One micro-batch: gradients over the trainable collections, accumulated; every
+    `accum_steps`-th call also applies the optimizer. Pure; jit with donate on `state`.
+
+    forward_fn(frozen, batch, adapters, dropout_rng) -> logits. Returns (state, metrics).
+    """
+    rng = jax.random.fold_in(jax.random.fold_in(key, state["step"]), state["micro"]) if dropout else None
+
+    def loss_fn(trainable):
+        loss, count = next_token_loss(forward_fn(frozen, batch, trainable, rng), batch)
+        return loss, count
+
+    (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["trainable"])
+    accum = jax.tree.map(lambda a, g: a + g / accum_steps, state["accum"], grads)
+    last = state["micro"] + 1 == accum_steps
+
+    def update(_):
+        clipped, _ = clip_gradients(accum, max_grad_norm)
+        new, opt_state = apply_gradients(tx, state["opt_state"], state["trainable"], frozen, clipped)
+        return new, opt_state, jax.tree.map(jnp.zeros_like, accum), state["step"] + 1, jnp.zeros((), jnp.int32)
+
+    def hold(_):
+        return state["trainable"], state["opt_state"], accum, state["step"], state["micro"] + 1
+
+    trainable, opt_state, new_accum, step, micro = jax.lax.cond(last, update, hold, None)
+    metrics = {"loss": loss, "tokens": count, "grad_norm": optax.global_norm(accum), "applied": last}
+    new_state = {"step": step, "micro": micro, "trainable": trainable, "opt_state": opt_state, "accum": new_accum}
+    return new_state, metrics

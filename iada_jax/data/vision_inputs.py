@@ -98,3 +98,41 @@ def build_vision_inputs(pixel_values: np.ndarray, grid_thw: np.ndarray, cfg: Vis
         frame_valid=frame_valid,
         patch_slot=patch_slot.astype(np.int32),
     )
+
+
+def pad_vision_inputs(vis: VisionInputs, n_patches: int, n_frames: int, frame_len: int) -> VisionInputs:
+    """Pad to static shapes [n_patches], [n_frames, frame_len], so one compiled step serves a
+    whole bucket of image sizes. Padding patches are zero rows placed in padding frames of
+    their own (attention stays within a frame, so they never touch a real patch); their merged
+    tokens are dropped by the scatter into the text (see `pad_visual_index`)."""
+    n, (f, lmax) = vis.pixel_values.shape[0], vis.frame_gather.shape
+    pad = n_patches - n
+    pad_frames = -(-pad // frame_len) if pad else 0
+    if pad < 0 or lmax > frame_len or f + pad_frames > n_frames:
+        raise ValueError(f"vision inputs ({n} patches, {f} frames of up to {lmax}) do not fit the bucket "
+                         f"({n_patches} patches, {n_frames} frames of {frame_len})")
+    gather = np.zeros((n_frames, frame_len), np.int32)
+    valid = np.zeros((n_frames, frame_len), bool)
+    gather[:f, :lmax], valid[:f, :lmax] = vis.frame_gather, vis.frame_valid
+    extra = np.arange(pad)
+    gather[f + extra // frame_len, extra % frame_len] = n + extra
+    valid[f + extra // frame_len, extra % frame_len] = True
+    patch_slot = np.zeros(n_patches, np.int32)
+    frames, slots = np.nonzero(valid)
+    patch_slot[gather[frames, slots]] = frames * frame_len + slots
+
+    def grow(x):
+        return np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
+
+    return VisionInputs(
+        pixel_values=grow(np.asarray(vis.pixel_values)), pos_index=grow(vis.pos_index), pos_weight=grow(vis.pos_weight),
+        rot_pos=grow(vis.rot_pos), frame_gather=gather, frame_valid=valid, patch_slot=patch_slot,
+    )
+
+
+def pad_visual_index(visual_index: np.ndarray, n_merged: int, out_of_range: int) -> np.ndarray:
+    """Flat text positions of the merged visual tokens, padded with `out_of_range` (= B * T):
+    the scatters into the text use mode="drop", so padding tokens land nowhere."""
+    out = np.full(n_merged, out_of_range, np.int32)
+    out[: len(visual_index)] = visual_index
+    return out

@@ -45,7 +45,8 @@ class LanguageModelWrapper(nn.Module):
             merged, deepstack = self.vision_features(batch)
             # masked_scatter of HF: visual features replace the placeholder embeddings.
             b, t, d = embeds.shape
-            embeds = embeds.reshape(b * t, d).at[batch.visual_index].set(merged.astype(embeds.dtype)).reshape(b, t, d)
+            embeds = embeds.reshape(b * t, d).at[batch.visual_index].set(merged.astype(embeds.dtype), mode="drop")
+            embeds = embeds.reshape(b, t, d)  # padding visual tokens (index B * T) are dropped
         masks = None
         if self.adapters.iada is not None:
             masks = token_masks(batch.input_ids, batch.attention_mask, batch.loss_mask,

@@ -77,7 +77,7 @@ def inject_deepstack(h: Array, layer_index: Array, ctx: LayerContext) -> Array:
         return h
     k = ctx.deepstack.shape[0]
     add = jnp.where(layer_index < k, ctx.deepstack[jnp.minimum(layer_index, k - 1)], 0).astype(h.dtype)
-    flat = h.reshape(-1, h.shape[-1]).at[ctx.visual_index].add(add)
+    flat = h.reshape(-1, h.shape[-1]).at[ctx.visual_index].add(add, mode="drop")
     return flat.reshape(h.shape)
 
 

@@ -1,0 +1,249 @@
+"""The training run: load, shard, loop, checkpoint, resume, log. `train.py` is its CLI.
+
+A run directory holds config.json (this run's settings), checkpoints/<step> (orbax: train
+state + data position, asynchronous, the last K kept), metrics.jsonl, tensorboard/ and,
+at the end, loss.png and final/ (the trainable collections only).
+
+Exact resume: the data plan is a pure function of (seed, epoch), the dropout key a pure
+function of (seed, step, micro-batch), and checkpoints are taken at optimizer-step
+boundaries, so a run stopped after step k and resumed continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from iada_jax.checkpoint import RunCheckpoints, save_params
+from iada_jax.config import ForwardConfig, LoraConfig
+from iada_jax.data.image_processing import ImageProcessorConfig
+from iada_jax.data.loader import DataConfig, SFTData
+from iada_jax.experiments import get_experiment
+from iada_jax.metrics import MetricsWriter, plot_loss
+from iada_jax.model.qwen3_vl import forward, init_adapters
+from iada_jax.sharding import initialize_distributed, make_mesh, param_shardings, place_batch, replicated
+from iada_jax.training import OptimizerConfig, init_train_state, learning_rate_schedule, make_optimizer, train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    model: str  # converted checkpoint or HF folder (with tokenizer files)
+    data: str  # data file / folder / cached data set name
+    out: str  # run directory
+    exp: str = "D_iada_lora"
+    batch_size: int = 4  # per micro-batch, global
+    grad_accum: int = 4  # micro-batches per optimizer step (paper: effective batch 16)
+    max_length: int = 1024
+    epochs: int = 1
+    steps: int | None = None  # optimizer steps; overrides epochs
+    lora_r: int | None = None  # override the experiment's LoRA rank (alpha scales with it)
+    lora_lr: float = 2e-4
+    iada_lr: float = 1e-3
+    schedule: str = "cosine"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+    dtype: str = "bfloat16"  # compute; trainable params and optimizer state stay float32
+    param_dtype: str = "bfloat16"  # the frozen base
+    remat: str = "full"
+    attention: str = "xla"
+    block_size: int | None = None  # IADA block size S (default: the experiment's, 4)
+    mesh_data: int = -1
+    mesh_fsdp: int = 1
+    save_every: int = 200  # optimizer steps
+    keep: int = 3
+    resume: bool = False
+    max_images: int = 1
+    buckets: tuple[int, ...] = ()
+    workers: int = 2
+    prefetch: int = 4
+    progress: bool = True
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+def _experiment(cfg: TrainConfig):
+    exp = get_experiment(cfg.exp, cfg.block_size)
+    if cfg.lora_r is not None and exp.lora is not None:
+        scale = exp.lora.lora_alpha / exp.lora.r
+        exp = dataclasses.replace(exp, lora=dataclasses.replace(exp.lora, r=cfg.lora_r, lora_alpha=scale * cfg.lora_r))
+    if not exp.trains:
+        raise TrainingError(f"experiment {cfg.exp!r} trains nothing (it is the pre-trained baseline)")
+    return exp
+
+
+def _load(cfg: TrainConfig, log):
+    from transformers import AutoTokenizer
+
+    from iada_jax.pretrained import load_pretrained
+
+    model = load_pretrained(cfg.model, dtype=cfg.param_dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    except Exception as e:
+        raise TrainingError(f"{cfg.model}: no usable tokenizer files ({e}); the model folder must hold the "
+                            "tokenizer and its chat template") from None
+    if tokenizer.chat_template is None:
+        raise TrainingError(f"{cfg.model}: the tokenizer has no chat template")
+    image_config = model.image_config or ImageProcessorConfig()
+    log(f"model: {cfg.model} ({model.config.text.num_hidden_layers} layers, d={model.config.text.hidden_size})")
+    return model, tokenizer, image_config
+
+
+def fit(cfg: TrainConfig, log=print) -> dict:
+    initialize_distributed()
+    os.makedirs(cfg.out, exist_ok=True)
+    exp = _experiment(cfg)
+    model, tokenizer, image_config = _load(cfg, log)
+    mcfg = model.config
+    block = exp.iada.block_size if exp.iada is not None else model.fwd.block_size
+    fwd = ForwardConfig(block_size=block, remat=cfg.remat, attention=cfg.attention, dtype=cfg.dtype)
+    fwd.check(mcfg.text)
+    mesh = make_mesh(cfg.mesh_data, cfg.mesh_fsdp)
+    if cfg.batch_size % mesh.size:
+        raise TrainingError(f"batch_size={cfg.batch_size} is not a multiple of the {mesh.size} devices of the mesh")
+
+    data = SFTData(DataConfig(path=cfg.data, max_length=cfg.max_length, batch_size=cfg.batch_size,
+                              buckets=cfg.buckets, max_images=cfg.max_images, seed=cfg.seed,
+                              prefetch=cfg.prefetch, workers=cfg.workers), tokenizer, image_config, mcfg, log=log)
+    per_epoch = data.batches_per_epoch()
+    if per_epoch == 0:
+        raise TrainingError(f"fewer usable rows than one batch of {cfg.batch_size} per length bucket")
+    total_steps = cfg.steps or max(1, cfg.epochs * per_epoch // cfg.grad_accum)
+    opt_cfg = OptimizerConfig(lora_lr=cfg.lora_lr, iada_lr=cfg.iada_lr, schedule=cfg.schedule,
+                              warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
+                              max_grad_norm=cfg.max_grad_norm)
+    tx = make_optimizer(opt_cfg, total_steps)
+
+    frozen = {"params": jax.device_put(model.params, param_shardings(model.params, mcfg, mesh))}
+    trainable = init_adapters(jax.random.PRNGKey(cfg.seed), model.params, cfg=mcfg, fwd=fwd, lora=exp.lora, iada=exp.iada)
+    trainable = jax.device_put(jax.tree.map(lambda x: x.astype(jnp.float32), trainable), replicated(mesh))
+    state = init_train_state(trainable, frozen, tx)
+
+    with open(os.path.join(cfg.out, "config.json"), "w") as f:
+        json.dump({"train": dataclasses.asdict(cfg), "lora": dataclasses.asdict(exp.lora) if exp.lora else None,
+                   "iada": dataclasses.asdict(exp.iada) if exp.iada else None, "total_steps": total_steps}, f, indent=1)
+
+    ckpts = RunCheckpoints(cfg.out, keep=cfg.keep)
+    position = (0, 0)
+    if cfg.resume and ckpts.latest_step() is not None:
+        step0 = ckpts.latest_step()
+        state, meta = ckpts.restore(step0, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state))
+        position = tuple(meta["position"])
+        log(f"resumed from step {step0} (data epoch {position[0]}, batch {position[1]})")
+    elif cfg.resume:
+        log("--resume: no checkpoint yet, starting fresh")
+
+    def forward_fn(frozen, batch, adapters, rng):
+        return forward(frozen["params"], batch, cfg=mcfg, fwd=fwd, lora=exp.lora, iada=exp.iada,
+                       adapters=adapters, dropout_rng=rng)[0]
+
+    dropout = exp.lora is not None and exp.lora.lora_dropout > 0
+    step_fn = jax.jit(
+        lambda s, fr, b, k: train_step(s, fr, b, k, forward_fn=forward_fn, tx=tx, accum_steps=cfg.grad_accum,
+                                       dropout=dropout, max_grad_norm=cfg.max_grad_norm),
+        donate_argnums=0,
+    )
+    schedules = {c: learning_rate_schedule(lr, total_steps, opt_cfg) for c, lr in (("lora", cfg.lora_lr), ("iada", cfg.iada_lr))}
+    return _loop(cfg, exp, data, state, frozen, step_fn, mesh, ckpts, position, total_steps, schedules, log)
+
+
+def _loop(cfg, exp, data, state, frozen, step_fn, mesh, ckpts, position, total_steps, schedules, log):
+    from tqdm import tqdm
+
+    key = jax.random.PRNGKey(cfg.seed + 1)
+    writer = MetricsWriter(cfg.out, enabled=jax.process_index() == 0)
+    stop = {"signal": None}
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+    except ValueError:  # not the main thread: no handler
+        previous = None
+    step = int(state["step"])
+    bar = tqdm(total=total_steps, initial=step, disable=not cfg.progress or jax.process_index() == 0 and False,
+               dynamic_ncols=True)
+    window = {"loss": [], "tokens": 0, "t0": time.perf_counter(), "padded": 0}
+    last_saved = step if cfg.resume else None
+    summary = {"run_dir": cfg.out, "skipped": dict(data.skipped), "losses": []}
+
+    def save(at_step, pos):
+        ckpts.save(at_step, state, {"position": list(pos), "step": at_step})
+        return at_step
+
+    try:
+        for pos, batch in data.iterate(start=position):
+            if step >= total_steps:
+                break
+            device_batch = place_batch(batch, mesh)
+            state, metrics = step_fn(state, frozen, device_batch, key)
+            loss = float(metrics["loss"])
+            next_pos = (pos[0], pos[1] + 1)
+            if not math.isfinite(loss):
+                where = f"step {step}, data epoch {pos[0]} batch {pos[1]}"
+                kept = ckpts.latest_step()
+                raise TrainingError(f"loss is {loss} at {where}; stopping. The last good checkpoint is "
+                                    f"{'step ' + str(kept) if kept is not None else 'none'}; lower the learning "
+                                    "rates or check that batch's data")
+            window["loss"].append(loss)
+            window["tokens"] += int(np.asarray(batch.attention_mask).sum())
+            if not bool(metrics["applied"]):
+                continue
+            step += 1
+            elapsed = time.perf_counter() - window["t0"]
+            record = {
+                "loss": float(np.mean(window["loss"])),
+                "grad_norm": float(metrics["grad_norm"]),
+                "tokens_per_s": window["tokens"] / max(elapsed, 1e-9),
+                "epoch": pos[0],
+            }
+            for c in ("lora", "iada"):
+                if c in state["trainable"]:
+                    record[f"lr_{c}"] = float(schedules[c](step - 1))
+            gate = state["trainable"].get("iada", {}).get("gate")
+            if gate is not None:
+                record["iada_gate"] = np.asarray(gate).reshape(-1).tolist()
+            writer.write(step, record)
+            summary["losses"].append(record["loss"])
+            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.update(1)
+            window = {"loss": [], "tokens": 0, "t0": time.perf_counter()}
+            if step % cfg.save_every == 0 or step == total_steps:
+                last_saved = save(step, next_pos)
+            if stop["signal"] is not None:
+                if last_saved != step:
+                    last_saved = save(step, next_pos)
+                log(f"\nreceived signal {stop['signal']}: saved step {step}, exiting (resume with --resume)")
+                summary["interrupted"] = True
+                break
+        else:
+            if step < total_steps:
+                log(f"data exhausted at step {step} of {total_steps}")
+        if step > 0 and last_saved != step and not summary.get("interrupted"):
+            save(step, next_pos)
+    finally:
+        bar.close()
+        ckpts.close()
+        writer.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+    summary["step"] = step
+    if step >= total_steps:
+        save_params(os.path.join(cfg.out, "final"), jax.tree.map(np.asarray, state["trainable"]))
+        png = plot_loss(cfg.out)
+        summary["loss_png"] = png
+    summary["trainable"] = state["trainable"]
+    if data.skipped:
+        log(f"skipped rows: {dict(data.skipped)}")
+    return summary
