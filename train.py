@@ -30,7 +30,7 @@ def parse(argv=None) -> TrainConfig:
         if f.name in ("model", "data", "out", "resume", "progress", "buckets"):
             continue
         kind = {int: int, float: float, str: str}.get(type(f.default), None)
-        if f.name in ("steps", "lora_r", "block_size"):
+        if f.name in ("steps", "lora_r", "block_size", "stop_after"):
             kind = int
         if f.name == "max_grad_norm":
             kind = float

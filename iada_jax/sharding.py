@@ -37,15 +37,16 @@ def initialize_distributed() -> None:
 
 
 def make_mesh(data: int = -1, fsdp: int = 1) -> Mesh:
-    """A (data, fsdp) mesh over all devices; data=-1 takes what fsdp leaves."""
+    """A (data, fsdp) mesh; data=-1 takes all devices that fsdp leaves, otherwise the first
+    data * fsdp devices are used."""
     n = jax.device_count()
     if data == -1:
         if n % fsdp:
             raise ValueError(f"fsdp={fsdp} does not divide the {n} devices")
         data = n // fsdp
-    if data * fsdp != n:
-        raise ValueError(f"mesh data={data} x fsdp={fsdp} does not match the {n} devices")
-    return Mesh(np.asarray(jax.devices()).reshape(data, fsdp), MESH_AXES)
+    if data < 1 or fsdp < 1 or data * fsdp > n:
+        raise ValueError(f"mesh data={data} x fsdp={fsdp} needs more than the {n} devices available")
+    return Mesh(np.asarray(jax.devices()[: data * fsdp]).reshape(data, fsdp), MESH_AXES)
 
 
 def logical_axes(shape: tuple[int, ...], cfg: Qwen3VLConfig, vision: bool) -> tuple[str | None, ...]:

@@ -62,6 +62,7 @@ class TrainConfig:
     save_every: int = 200  # optimizer steps
     keep: int = 3
     resume: bool = False
+    stop_after: int | None = None  # end this invocation (with a checkpoint) after N optimizer steps
     max_images: int = 1
     buckets: tuple[int, ...] = ()
     workers: int = 2
@@ -127,9 +128,11 @@ def fit(cfg: TrainConfig, log=print) -> dict:
     tx = make_optimizer(opt_cfg, total_steps)
 
     frozen = {"params": jax.device_put(model.params, param_shardings(model.params, mcfg, mesh))}
-    trainable = init_adapters(jax.random.PRNGKey(cfg.seed), model.params, cfg=mcfg, fwd=fwd, lora=exp.lora, iada=exp.iada)
+    # One compiled program each (eagerly, every small op would compile on its own).
+    trainable = jax.jit(lambda key, p: init_adapters(key, p, cfg=mcfg, fwd=fwd, lora=exp.lora, iada=exp.iada))(
+        jax.random.PRNGKey(cfg.seed), model.params)
     trainable = jax.device_put(jax.tree.map(lambda x: x.astype(jnp.float32), trainable), replicated(mesh))
-    state = init_train_state(trainable, frozen, tx)
+    state = jax.jit(lambda t, f: init_train_state(t, f, tx))(trainable, frozen)
 
     with open(os.path.join(cfg.out, "config.json"), "w") as f:
         json.dump({"train": dataclasses.asdict(cfg), "lora": dataclasses.asdict(exp.lora) if exp.lora else None,
@@ -170,10 +173,10 @@ def _loop(cfg, exp, data, state, frozen, step_fn, mesh, ckpts, position, total_s
         signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
     except ValueError:  # not the main thread: no handler
         previous = None
-    step = int(state["step"])
-    bar = tqdm(total=total_steps, initial=step, disable=not cfg.progress or jax.process_index() == 0 and False,
+    step = start_step = int(state["step"])
+    bar = tqdm(total=total_steps, initial=step, disable=not cfg.progress or jax.process_index() != 0,
                dynamic_ncols=True)
-    window = {"loss": [], "tokens": 0, "t0": time.perf_counter(), "padded": 0}
+    window = {"loss": [], "tokens": 0, "t0": time.perf_counter()}
     last_saved = step if cfg.resume else None
     summary = {"run_dir": cfg.out, "skipped": dict(data.skipped), "losses": []}
 
@@ -181,8 +184,9 @@ def _loop(cfg, exp, data, state, frozen, step_fn, mesh, ckpts, position, total_s
         ckpts.save(at_step, state, {"position": list(pos), "step": at_step})
         return at_step
 
+    batches = data.iterate(start=position)
     try:
-        for pos, batch in data.iterate(start=position):
+        for pos, batch in batches:
             if step >= total_steps:
                 break
             device_batch = place_batch(batch, mesh)
@@ -220,10 +224,12 @@ def _loop(cfg, exp, data, state, frozen, step_fn, mesh, ckpts, position, total_s
             window = {"loss": [], "tokens": 0, "t0": time.perf_counter()}
             if step % cfg.save_every == 0 or step == total_steps:
                 last_saved = save(step, next_pos)
+            if cfg.stop_after is not None and step - start_step >= cfg.stop_after and step < total_steps:
+                stop["signal"] = "stop_after"
             if stop["signal"] is not None:
                 if last_saved != step:
                     last_saved = save(step, next_pos)
-                log(f"\nreceived signal {stop['signal']}: saved step {step}, exiting (resume with --resume)")
+                log(f"\nstopping ({stop['signal']}): saved step {step}; continue with --resume")
                 summary["interrupted"] = True
                 break
         else:
@@ -232,6 +238,7 @@ def _loop(cfg, exp, data, state, frozen, step_fn, mesh, ckpts, position, total_s
         if step > 0 and last_saved != step and not summary.get("interrupted"):
             save(step, next_pos)
     finally:
+        batches.close()
         bar.close()
         ckpts.close()
         writer.close()

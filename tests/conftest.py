@@ -1,7 +1,7 @@
 """Shared fixtures: tiny random Hugging Face Qwen3-VL models built in-process (no hub).
 
 JAX is set up before anything imports it: float32 matmuls at full precision (the CPU
-default already is, this makes it explicit for GPU runs), 4 fake CPU devices for the
+default already is, this makes it explicit for GPU runs), 8 fake CPU devices for the
 sharding tests, and a fast-compiling CPU backend.
 """
 
@@ -11,7 +11,7 @@ import os
 
 # LLVM optimisation level 0: the suite compiles hundreds of tiny programs, and compiling
 # dominates its run time (about 30% less wall time); the numerics are XLA's HLO, unchanged.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0")
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
 
 import jax  # noqa: E402
 
@@ -39,6 +39,20 @@ def _release_compiled_programs():
     in one process crashed the compiler (a segfault in backend_compile, jaxlib 0.10.2)."""
     yield
     jax.clear_caches()
+
+
+@pytest.fixture(scope="session")
+def embedded(tmp_path_factory):
+    """The embedded default (tiny model with tokenizer, converted; 48 synthetic rows):
+    (checkpoint folder, data file, tokenizer, loaded model)."""
+    from transformers import AutoTokenizer
+
+    import iada_jax
+    from iada_jax.embedded import prepare_embedded
+
+    cache = str(tmp_path_factory.mktemp("embedded"))
+    ckpt, data = prepare_embedded(cache, num_rows=48, log=lambda *a: None)
+    return ckpt, data, AutoTokenizer.from_pretrained(ckpt), iada_jax.load_pretrained(ckpt)
 
 
 @pytest.fixture(scope="session")

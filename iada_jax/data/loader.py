@@ -134,6 +134,15 @@ class SFTData:
         out: queue.Queue = queue.Queue(maxsize=max(self.cfg.prefetch, 1))
         stop = threading.Event()
 
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    out.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
         def produce():
             try:
                 with concurrent.futures.ThreadPoolExecutor(self.cfg.workers) as pool:
@@ -141,13 +150,12 @@ class SFTData:
                     while epochs is None or epoch < epochs:
                         plan = self.epoch_plan(epoch)
                         for j in range(k, len(plan)):
-                            if stop.is_set():
+                            if not put(((epoch, j), self.make_batch(*plan[j], pool=pool))):
                                 return
-                            out.put(((epoch, j), self.make_batch(*plan[j], pool=pool)))
                         epoch, k = epoch + 1, 0
-                out.put(None)
+                put(None)
             except BaseException as e:  # surfaced in the consumer
-                out.put(e)
+                put(e)
 
         thread = threading.Thread(target=produce, daemon=True)
         thread.start()

@@ -43,24 +43,31 @@ class Example:
     image_grid_thw: np.ndarray | None  # [I, 3]
 
 
+def _open(item) -> Image.Image:
+    if isinstance(item, dict) and item.get("bytes") is not None:
+        return Image.open(io.BytesIO(item["bytes"]))
+    if isinstance(item, dict) and item.get("path"):
+        return Image.open(item["path"])
+    if isinstance(item, (str, os.PathLike)):
+        return Image.open(item)
+    raise BadRow("bad_image", f"cannot read an image from {type(item).__name__}")
+
+
 def load_image(item, decode: bool = True) -> Image.Image:
-    """An RGB PIL image; decode=False only opens it (size known, pixels not read)."""
+    """An RGB PIL image from a PIL image, {"bytes", "path"} or a path. decode=False checks
+    the file's integrity (PIL verify) and returns it opened but not decoded (size known)."""
     if isinstance(item, Image.Image):
-        image = item
-    elif isinstance(item, dict) and item.get("bytes") is not None:
-        image = Image.open(io.BytesIO(item["bytes"]))
-    elif isinstance(item, dict) and item.get("path"):
-        image = Image.open(item["path"])
-    elif isinstance(item, (str, os.PathLike)):
-        image = Image.open(item)
-    else:
-        raise BadRow("bad_image", f"cannot read an image from {type(item).__name__}")
-    if not decode:
-        return image
+        return item.convert("RGB") if decode else item
     try:
+        image = _open(item)
+        if not decode:
+            image.verify()  # consumes the file object: reopen for the caller
+            return _open(item)
         image.load()
-    except Exception as e:  # truncated or corrupt files
-        raise BadRow("bad_image", f"corrupt image ({e})") from None
+    except BadRow:
+        raise
+    except Exception as e:  # missing, truncated or corrupt files
+        raise BadRow("bad_image", f"unreadable image ({e})") from None
     return image.convert("RGB")
 
 
