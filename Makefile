@@ -1,11 +1,13 @@
 # Two entry points for a fresh clone; each sets itself up (a venv in .venv).
-#   make demo   the main job on the embedded default (tiny model it builds itself)
+#   make demo   the main job on the embedded default: train LoRA + IADA on a tiny model
+#               and synthetic data it builds itself (CPU, a few minutes)
 #   make test   the test suite (what CI runs)
+#   make parity our logits against transformers' on a tiny random model
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test clean
+.PHONY: setup demo parity test clean
 
 setup: $(VENV)/.installed
 
@@ -17,6 +19,10 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
+	rm -rf runs/demo
+	$(PY) train.py --out runs/demo
+
+parity: setup
 	$(PY) -m iada_jax.demo
 
 test: setup

@@ -1,4 +1,4 @@
-"""The embedded default job (for now): tiny random Qwen3-VL in HF format -> convert -> parity.
+"""Parity demo (`make parity`): tiny random Qwen3-VL in HF format -> convert -> logits vs transformers.
 
     python -m iada_jax.demo [--out runs/demo]
 

@@ -104,6 +104,10 @@ def _load(cfg: TrainConfig, log):
 
 def fit(cfg: TrainConfig, log=print) -> dict:
     initialize_distributed()
+    used = [n for n in ("checkpoints", "metrics.jsonl", "final") if os.path.exists(os.path.join(cfg.out, n))]
+    if used and not cfg.resume:
+        raise TrainingError(f"{cfg.out} already holds a run ({', '.join(used)}); continue it with --resume "
+                            "or choose another --out")
     os.makedirs(cfg.out, exist_ok=True)
     exp = _experiment(cfg)
     model, tokenizer, image_config = _load(cfg, log)
@@ -247,7 +251,12 @@ def _loop(cfg, exp, data, state, frozen, step_fn, mesh, ckpts, position, total_s
 
     summary["step"] = step
     if step >= total_steps:
-        save_params(os.path.join(cfg.out, "final"), jax.tree.map(np.asarray, state["trainable"]))
+        final = os.path.join(cfg.out, "final")
+        if os.path.exists(final):  # a resumed run that had already finished once
+            import shutil
+
+            shutil.rmtree(final)
+        save_params(final, jax.tree.map(np.asarray, state["trainable"]))
         png = plot_loss(cfg.out)
         summary["loss_png"] = png
     summary["trainable"] = state["trainable"]
