@@ -127,3 +127,11 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(embedded, tmp_path):
     assert proc.returncode == 0, output
     saved = sorted(int(d) for d in os.listdir(out / "checkpoints") if d.isdigit())
     assert saved and saved[-1] >= 2 and "continue with --resume" in output
+
+
+def test_bf16_training_with_remat_runs_and_keeps_float32_adapters(embedded, tmp_path):
+    """The production settings: bf16 base and compute, full remat; adapters and Adam in float32."""
+    summary = fit(config(embedded, tmp_path / "bf16", steps=3, dtype="bfloat16", param_dtype="bfloat16",
+                         remat="full", block_size=2), log=quiet)
+    assert summary["step"] == 3 and all(np.isfinite(summary["losses"]))
+    assert {np.asarray(x).dtype for x in jax.tree.leaves(summary["trainable"])} == {np.dtype("float32")}
