@@ -7,27 +7,40 @@ Public API:
     LoraConfig, IadaConfig, get_experiment(name)         adapters and the paper's named experiments
     forward, init_adapters                               the pure forward, fresh adapter variables
     get_rope_index(...)                                  host-side M-RoPE positions
+
+The names are imported on first use, so `iada_jax.torch_iada` (the PyTorch side of exported
+adapters) imports without JAX installed.
 """
 
-from iada_jax.config import ForwardConfig, IadaConfig, LoraConfig, Qwen3VLConfig, TextConfig, VisionConfig
-from iada_jax.experiments import EXPERIMENTS, Experiment, get_experiment
-from iada_jax.model.qwen3_vl import forward, init_adapters
-from iada_jax.positions import get_rope_index
-from iada_jax.pretrained import Qwen3VL, load_pretrained
+import importlib
 
-__all__ = [
-    "EXPERIMENTS",
-    "Experiment",
-    "ForwardConfig",
-    "IadaConfig",
-    "LoraConfig",
-    "forward",
-    "get_experiment",
-    "init_adapters",
-    "Qwen3VL",
-    "Qwen3VLConfig",
-    "TextConfig",
-    "VisionConfig",
-    "get_rope_index",
-    "load_pretrained",
-]
+_EXPORTS = {
+    "ForwardConfig": "iada_jax.config",
+    "IadaConfig": "iada_jax.config",
+    "LoraConfig": "iada_jax.config",
+    "Qwen3VLConfig": "iada_jax.config",
+    "TextConfig": "iada_jax.config",
+    "VisionConfig": "iada_jax.config",
+    "EXPERIMENTS": "iada_jax.experiments",
+    "Experiment": "iada_jax.experiments",
+    "get_experiment": "iada_jax.experiments",
+    "forward": "iada_jax.model.qwen3_vl",
+    "init_adapters": "iada_jax.model.qwen3_vl",
+    "get_rope_index": "iada_jax.positions",
+    "Qwen3VL": "iada_jax.pretrained",
+    "load_pretrained": "iada_jax.pretrained",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'iada_jax' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

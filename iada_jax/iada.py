@@ -291,8 +291,9 @@ class DepthAggregation(nn.Module):
             if c.attend == "depth":
                 a = depth_only_attention(q, buffer, depth_ok, self.num_heads, self.eps)
             else:
-                a = cross_depth_attention(q, buffer, depth_ok, readable[m], causal and q.shape[1] > 1,
-                                          self.num_heads, self.eps)
+                if causal:  # every position reads its own prefix, even with one shared (fixed) query
+                    q = jnp.broadcast_to(q, h32.shape)
+                a = cross_depth_attention(q, buffer, depth_ok, readable[m], causal, self.num_heads, self.eps)
             g = gates[i]
             g = g.reshape(g.shape + (1,) * (3 - g.ndim)) if g.ndim else g  # [B] or [B, T] -> [B, 1|T, 1]
             delta = delta + jnp.where(inject[m][..., None], g * a, 0.0)

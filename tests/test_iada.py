@@ -32,6 +32,7 @@ OPERATOR_VARIANTS.update({
     "causal_adaptive_gate_cross_modal": IadaConfig(scope="causal", gate="adaptive", routing="cross_modal"),
     "full_scope_depth_attend": IadaConfig(scope="full", attend="depth"),
     "prompt_scope_fixed_per_block": IadaConfig(query="fixed", gate="per_block", routing="shared"),
+    "causal_fixed_query": IadaConfig(scope="causal", query="fixed", routing="shared"),
 })
 
 
@@ -177,7 +178,7 @@ def test_fresh_adapters_give_the_base_model_logits(model, name):
 
 
 CAUSALITY_VARIANTS = ["D_iada_lora", "D_causal_scope", "token_level", "attention_pooling", "adaptive_gate",
-                      "cross_modal", "D_attend_depth", "adaptive_no_split"]
+                      "cross_modal", "D_attend_depth", "adaptive_no_split", "C_attnres_lora", "text_only_adaptive"]
 
 
 @pytest.mark.parametrize("scope", ["prompt", "causal", "full"])
