@@ -1,4 +1,10 @@
-"""`python -m convert import-hf HF_DIR OUT_DIR [--dtype bfloat16|float32]`."""
+"""Conversions between Hugging Face / PEFT files and iada-jax:
+
+    python -m convert import-hf HF_DIR OUT_DIR [--dtype bfloat16|float32]
+    python -m convert export-peft RUN_DIR OUT_DIR [--step N] [--model CKPT]
+    python -m convert export-merged RUN_DIR OUT_DIR [--step N] [--model CKPT] [--dtype ...]
+    python -m convert import-peft ADAPTER_DIR OUT_DIR --model CKPT
+"""
 
 from __future__ import annotations
 
@@ -6,21 +12,56 @@ import argparse
 import sys
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m convert", description=__doc__)
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     imp = sub.add_parser("import-hf", help="convert a Hugging Face Qwen3-VL folder into an iada-jax checkpoint")
     imp.add_argument("hf_dir", help="folder with config.json and model.safetensors (or a sharded index)")
     imp.add_argument("out_dir", help="checkpoint folder to create (must not exist)")
     imp.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
                      help="stored parameter dtype (default bfloat16, the released weights' dtype)")
-    args = parser.parse_args(argv)
 
+    for name, help_text in (("export-peft", "a run's LoRA as a PEFT adapter (+ IADA files and their PyTorch module)"),
+                            ("export-merged", "a full HF checkpoint with the run's LoRA merged in (+ IADA files)")):
+        exp = sub.add_parser(name, help=help_text)
+        exp.add_argument("run_dir", help="a train.py run directory (or an adapters folder)")
+        exp.add_argument("out_dir", help="folder to create (must not exist)")
+        exp.add_argument("--step", type=int, default=None,
+                         help="export checkpoints/<step> instead of the finished run's final adapters")
+        exp.add_argument("--model", default=None,
+                         help="the base checkpoint (default: the one recorded in the run's config.json)")
+        if name == "export-merged":
+            exp.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
+                             help="weight dtype (default: the base checkpoint's)")
+
+    pin = sub.add_parser("import-peft", help="a PEFT LoRA adapter -> an adapters folder for train.py --init-adapters")
+    pin.add_argument("adapter_dir", help="folder with adapter_config.json and adapter_model.safetensors")
+    pin.add_argument("out_dir", help="adapters folder to create (must not exist)")
+    pin.add_argument("--model", required=True, help="the base checkpoint the adapter is for (shapes are checked)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from convert.export import ExportError, export_merged, export_peft
     from convert.import_hf import ConversionError, import_hf
+    from convert.import_peft import PeftImportError, import_peft
+    from iada_jax.adapters import AdapterError
 
     try:
-        import_hf(args.hf_dir, args.out_dir, dtype=args.dtype)
-    except ConversionError as e:
+        if args.command == "import-hf":
+            import_hf(args.hf_dir, args.out_dir, dtype=args.dtype)
+        elif args.command == "export-peft":
+            out = export_peft(args.run_dir, args.out_dir, step=args.step, model=args.model)
+            print(f"wrote PEFT adapter {out}", file=sys.stderr)
+        elif args.command == "export-merged":
+            out = export_merged(args.run_dir, args.out_dir, step=args.step, model=args.model, dtype=args.dtype)
+            print(f"wrote merged checkpoint {out}", file=sys.stderr)
+        else:
+            out = import_peft(args.adapter_dir, args.out_dir, args.model)
+            print(f"wrote adapters folder {out}; train from it with train.py --init-adapters {out}", file=sys.stderr)
+    except (ConversionError, ExportError, PeftImportError, AdapterError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

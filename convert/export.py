@@ -1,0 +1,235 @@
+"""Trained adapters -> PyTorch: a PEFT LoRA adapter, or a full HF checkpoint with LoRA merged;
+IADA weights beside either, with the PyTorch module that applies them.
+
+`python -m convert export-peft RUN_DIR OUT_DIR` writes
+    adapter_config.json, adapter_model.safetensors    PEFT LoRA (PeftModel.from_pretrained)
+    iada_config.json, iada.safetensors                IADA switches and weights (when trained)
+    torch_iada.py                                     a copy of iada_jax/torch_iada.py: attach_iada
+    README.md                                         how to load it
+
+`python -m convert export-merged RUN_DIR OUT_DIR` writes a Hugging Face Qwen3-VL folder
+(config.json, model*.safetensors, tokenizer and processor files) whose weights are
+W + scaling * B A, loadable with plain `from_pretrained`, plus the same IADA files.
+
+Both write into a temporary folder renamed at the end: a failure leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+import numpy as np
+
+from convert.import_hf import AUX_FILE_PREFIXES
+from convert.mapping import export_to_hf
+from convert.peft_format import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    IADA_CONFIG,
+    IADA_WEIGHTS,
+    check_lora,
+    flatten,
+    iada_config_json,
+    module_group,
+    to_peft_config,
+    to_peft_state_dict,
+)
+from convert.safetensors_io import write_safetensors
+from iada_jax.adapters import AdapterError, TrainedAdapters, load_adapters, resolve_model
+from iada_jax.config import Qwen3VLConfig, param_dtype
+
+TORCH_MODULE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "iada_jax", "torch_iada.py")
+MAX_SHARD_BYTES = 5 * 1024**3  # transformers' default max_shard_size
+
+
+class ExportError(ValueError):
+    pass
+
+
+def _atomic_folder(out_dir: str, write) -> str:
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir):
+        raise ExportError(f"{out_dir}: already exists; remove it or choose another OUT_DIR")
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    try:
+        write(tmp)
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _base_config(model_dir: str) -> tuple[dict, Qwen3VLConfig]:
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(path):
+        raise ExportError(f"{model_dir}: no config.json (expected a converted checkpoint or an HF model folder)")
+    with open(path) as f:
+        hf_config = json.load(f)
+    return hf_config, Qwen3VLConfig.from_hf_config(hf_config)
+
+
+def _load(run_dir: str, step: int | None, model: str | None):
+    adapters = load_adapters(run_dir, step)
+    model_dir = resolve_model(adapters, model)
+    hf_config, cfg = _base_config(model_dir)
+    if adapters.lora is not None:
+        try:
+            check_lora(adapters.variables["lora"], adapters.lora, cfg, adapters.source)
+        except ValueError as e:
+            raise ExportError(f"{e} (base model {model_dir})") from None
+    return adapters, model_dir, hf_config, cfg
+
+
+def _source_name(model_dir: str) -> str:
+    """The HF model the base checkpoint was converted from (for base_model_name_or_path)."""
+    meta = os.path.join(model_dir, "iada_jax.json")
+    if os.path.isfile(meta):
+        with open(meta) as f:
+            return json.load(f).get("source") or model_dir
+    return model_dir
+
+
+def write_iada_files(folder: str, adapters: TrainedAdapters, cfg: Qwen3VLConfig) -> None:
+    """iada_config.json + iada.safetensors + torch_iada.py (nothing when no IADA was trained)."""
+    if adapters.iada is None:
+        return
+    with open(os.path.join(folder, IADA_CONFIG), "w") as f:
+        json.dump(iada_config_json(adapters.iada, cfg), f, indent=1)
+    write_safetensors(os.path.join(folder, IADA_WEIGHTS), flatten(adapters.variables["iada"]), {"format": "pt"})
+    shutil.copy2(TORCH_MODULE, os.path.join(folder, "torch_iada.py"))
+
+
+_README = """# Adapters exported by iada-jax
+
+From `{source}`, trained on `{model}`.
+
+```python
+import sys, torch
+from transformers import Qwen3VLForConditionalGeneration
+{peft_import}
+model = Qwen3VLForConditionalGeneration.from_pretrained({base!r}, dtype=torch.bfloat16)
+{peft_load}{iada_load}
+```
+{iada_note}"""
+
+
+def _readme(adapters: TrainedAdapters, model_dir: str, merged: bool) -> str:
+    iada = adapters.iada is not None
+    return _README.format(
+        source=adapters.source, model=model_dir,
+        peft_import="" if merged else "from peft import PeftModel",
+        base="THIS_FOLDER" if merged else _source_name(model_dir),
+        peft_load="" if merged else "model = PeftModel.from_pretrained(model, 'THIS_FOLDER')\n",
+        iada_load="sys.path.insert(0, 'THIS_FOLDER')\nfrom torch_iada import attach_iada\n"
+                  "iada = attach_iada(model, 'THIS_FOLDER')  # model(...) and model.generate(...) now apply IADA"
+        if iada else "",
+        iada_note="\nIADA runs as hooks at the block boundaries of the language model: see torch_iada.py.\n"
+        if iada else "",
+    )
+
+
+def export_peft(run_dir: str, out_dir: str, step: int | None = None, model: str | None = None) -> str:
+    """A run's (or adapters folder's) LoRA as a PEFT adapter, IADA files beside it."""
+    adapters, model_dir, _, cfg = _load(run_dir, step, model)
+    if adapters.lora is None:
+        raise ExportError(f"{adapters.source}: the run trained no LoRA adapter, so there is no PEFT adapter to "
+                          "write (its IADA weights go with export-merged)")
+
+    def write(folder):
+        with open(os.path.join(folder, ADAPTER_CONFIG), "w") as f:
+            json.dump(to_peft_config(adapters.lora, _source_name(model_dir)), f, indent=1)
+        write_safetensors(os.path.join(folder, ADAPTER_WEIGHTS), to_peft_state_dict(adapters.variables["lora"], adapters.lora),
+                          {"format": "pt"})
+        write_iada_files(folder, adapters, cfg)
+        with open(os.path.join(folder, "README.md"), "w") as f:
+            f.write(_readme(adapters, model_dir, merged=False))
+
+    return _atomic_folder(out_dir, write)
+
+
+def merge_lora(params: dict, lora_vars: dict, lora) -> dict:
+    """W + scaling * A @ B on every adapted kernel (float32), as PEFT's merge_and_unload."""
+    layers = params["model"]["language_model"]["layers"]
+    factors = lora_vars["model"]["language_model"]["layers"]
+    for module in lora.modules:
+        group = module_group(module)
+        base = layers[group][module]
+        a = np.asarray(factors[group][module]["lora_A"], np.float32)
+        b = np.asarray(factors[group][module]["lora_B"], np.float32)
+        merged = base["kernel"].astype(np.float32) + lora.scaling * np.einsum("lir,lro->lio", a, b)
+        base["kernel"] = merged
+    return params
+
+
+def write_hf_weights(folder: str, tensors, max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
+    """(key, array) pairs -> model.safetensors, or model-0000i-of-0000n.safetensors shards of at
+    most `max_shard_bytes` plus model.safetensors.index.json (as save_pretrained writes them)."""
+    shards: list[dict] = [{}]
+    size = 0
+    for key, value in tensors:
+        if shards[-1] and size + value.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = value
+        size += value.nbytes
+    if len(shards) == 1:
+        write_safetensors(os.path.join(folder, "model.safetensors"), shards[0], {"format": "pt"})
+        return ["model.safetensors"]
+    names, weight_map, total = [], {}, 0
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        write_safetensors(os.path.join(folder, name), shard, {"format": "pt"})
+        names.append(name)
+        weight_map.update({k: name for k in shard})
+        total += sum(v.nbytes for v in shard.values())
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=1)
+    return names
+
+
+def export_merged(run_dir: str, out_dir: str, step: int | None = None, model: str | None = None,
+                  dtype: str | None = None, max_shard_bytes: int = MAX_SHARD_BYTES, verbose: bool = True) -> str:
+    """A full HF checkpoint with the run's LoRA merged in (dtype: that of the base by default)."""
+    from iada_jax.checkpoint import is_base_checkpoint, read_base_checkpoint
+
+    adapters, model_dir, hf_config, cfg = _load(run_dir, step, model)
+    if is_base_checkpoint(model_dir):
+        _, params = read_base_checkpoint(model_dir)
+    else:
+        from convert.import_hf import read_hf_params
+
+        _, params = read_hf_params(model_dir, "float32")
+    base_dtype = np.asarray(params["model"]["language_model"]["norm"]["scale"]).dtype
+    target = param_dtype(dtype) if dtype else base_dtype
+    if adapters.lora is not None:
+        params = merge_lora(params, adapters.variables["lora"], adapters.lora)
+    dtype_name = {np.dtype(np.float32): "float32"}.get(np.dtype(target), "bfloat16")
+    hf_config = dict(hf_config, dtype=dtype_name)
+    if "torch_dtype" in hf_config:
+        hf_config["torch_dtype"] = dtype_name
+
+    def write(folder):
+        tensors = ((k, v.astype(target, copy=False)) for k, v in export_to_hf(params, cfg))
+        shards = write_hf_weights(folder, tensors, max_shard_bytes)
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump(hf_config, f, indent=2)
+        for name in sorted(os.listdir(model_dir)):
+            if name.startswith(AUX_FILE_PREFIXES) and os.path.isfile(os.path.join(model_dir, name)):
+                shutil.copy2(os.path.join(model_dir, name), os.path.join(folder, name))
+        write_iada_files(folder, adapters, cfg)
+        with open(os.path.join(folder, "README.md"), "w") as f:
+            f.write(_readme(adapters, model_dir, merged=True))
+        if verbose:
+            print(f"wrote {len(shards)} weight file(s), {dtype_name}", file=sys.stderr)
+
+    return _atomic_folder(out_dir, write)
+
+
+__all__ = ["AdapterError", "ExportError", "export_merged", "export_peft", "merge_lora", "write_hf_weights"]

@@ -1,0 +1,158 @@
+"""Trained adapters as files: the adapters folder, and reading adapters out of a run directory.
+
+An adapters folder (written by `python -m convert import-peft`, read by `train.py
+--init-adapters` and by the exporters):
+
+    adapters.json   {"format": "iada-jax-adapters", "version": 1, "lora": LoraConfig | null,
+                     "iada": IadaConfig | null, "model": the base checkpoint, "source": ...}
+    params/         orbax tree {"lora": ..., "iada": ...}, storage layout, float32
+
+A run directory (train.py --out) holds the same information in config.json (the experiment's
+LoRA and IADA configs, the model path) and final/ or checkpoints/<step>/state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+
+import numpy as np
+
+from iada_jax.checkpoint import load_params, save_params
+from iada_jax.config import IadaConfig, LoraConfig
+
+FORMAT = "iada-jax-adapters"
+VERSION = 1
+META_FILE = "adapters.json"
+
+
+class AdapterError(ValueError):
+    """Adapters that cannot be read or do not fit; the message names the file or key."""
+
+
+@dataclasses.dataclass
+class TrainedAdapters:
+    lora: LoraConfig | None
+    iada: IadaConfig | None
+    variables: dict  # {"lora": ..., "iada": ...}: numpy, storage layout (see model/qwen3_vl.py)
+    model: str | None  # the base model the adapters were trained on, as recorded
+    source: str  # where they were read from (for messages)
+
+
+def config_dict(cfg) -> dict | None:
+    return None if cfg is None else dataclasses.asdict(cfg)
+
+
+def _lora_config(d: dict | None, where: str) -> LoraConfig | None:
+    if d is None:
+        return None
+    try:
+        return LoraConfig(**d)
+    except (TypeError, ValueError) as e:
+        raise AdapterError(f"{where}: bad LoRA config ({e})") from None
+
+
+def _iada_config(d: dict | None, where: str) -> IadaConfig | None:
+    if d is None:
+        return None
+    try:
+        return IadaConfig(**d)
+    except (TypeError, ValueError) as e:
+        raise AdapterError(f"{where}: bad IADA config ({e})") from None
+
+
+def save_adapters(out_dir: str, adapters: TrainedAdapters) -> None:
+    """Write an adapters folder atomically (a temporary folder renamed at the end)."""
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir):
+        raise AdapterError(f"{out_dir}: already exists; remove it or choose another output folder")
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    try:
+        save_params(os.path.join(tmp, "params"), {k: v for k, v in adapters.variables.items()})
+        meta = {"format": FORMAT, "version": VERSION, "lora": config_dict(adapters.lora),
+                "iada": config_dict(adapters.iada), "model": adapters.model, "source": adapters.source}
+        with open(os.path.join(tmp, META_FILE), "w") as f:
+            json.dump(meta, f, indent=1)
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _numpy(tree):
+    import jax
+
+    return jax.tree.map(lambda x: np.asarray(x, np.float32), tree)
+
+
+def load_adapters(path: str, step: int | None = None) -> TrainedAdapters:
+    """Adapters from an adapters folder or a run directory (its final/ adapters, or those of
+    checkpoints/<step> when `step` is given)."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise AdapterError(f"{path}: no such folder (expected a run directory or an adapters folder)")
+    meta_path = os.path.join(path, META_FILE)
+    if os.path.isfile(meta_path):
+        if step is not None:
+            raise AdapterError(f"{path}: an adapters folder has no checkpoints; --step applies to run directories")
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+            raise AdapterError(f"{meta_path}: describes {meta.get('format')} v{meta.get('version')}, this code "
+                               f"reads {FORMAT} v{VERSION}")
+        variables = load_params(os.path.join(path, "params"))
+        return TrainedAdapters(_lora_config(meta["lora"], meta_path), _iada_config(meta["iada"], meta_path),
+                               _numpy(dict(variables)), meta.get("model"), path)
+    return _load_run(path, step)
+
+
+def _load_run(run_dir: str, step: int | None) -> TrainedAdapters:
+    config_path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(config_path):
+        raise AdapterError(f"{run_dir}: neither a run directory (no config.json) nor an adapters folder "
+                           f"(no {META_FILE})")
+    with open(config_path) as f:
+        run = json.load(f)
+    if step is None:
+        weights = os.path.join(run_dir, "final")
+        if not os.path.isdir(weights):
+            steps = _saved_steps(run_dir)
+            hint = f"; export a checkpoint with --step (saved: {steps})" if steps else ""
+            raise AdapterError(f"{run_dir}: the run has no final/ adapters (it did not finish){hint}")
+        variables = load_params(weights)
+    else:
+        weights = os.path.join(run_dir, "checkpoints", str(step), "state")
+        if not os.path.isdir(weights):
+            raise AdapterError(f"{run_dir}: no checkpoint for step {step} (saved: {_saved_steps(run_dir) or 'none'})")
+        variables = load_params(weights)["trainable"]
+    lora = _lora_config(run.get("lora"), config_path)
+    iada = _iada_config(run.get("iada"), config_path)
+    variables = _numpy(dict(variables))
+    for name, cfg in (("lora", lora), ("iada", iada)):
+        if (cfg is None) != (name not in variables):
+            raise AdapterError(f"{weights}: the {name} weights do not match {config_path} "
+                               f"({'config without weights' if cfg is not None else 'weights without config'})")
+    return TrainedAdapters(lora, iada, variables, run.get("train", {}).get("model"), weights)
+
+
+def _saved_steps(run_dir: str) -> list[int]:
+    folder = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(folder):
+        return []
+    return sorted(int(d) for d in os.listdir(folder) if d.isdigit())
+
+
+def resolve_model(adapters: TrainedAdapters, model: str | None) -> str:
+    """The base model folder: the one given, else the one the adapters record."""
+    chosen = model or adapters.model
+    if chosen is None:
+        raise AdapterError(f"{adapters.source}: records no base model; pass --model")
+    if not os.path.isdir(chosen):
+        raise AdapterError(f"base model {chosen} (recorded by {adapters.source}) is not a folder here; "
+                           "pass --model with the checkpoint the adapters were trained on")
+    return chosen
