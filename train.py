@@ -20,6 +20,12 @@ import sys
 from iada_jax.trainer import TrainConfig, TrainingError, fit
 
 
+HELP = {
+    "init_adapters": "start from trained adapters: a run directory or an adapters folder "
+                     "(python -m convert import-peft turns a PEFT LoRA adapter into one)",
+}
+
+
 def parse(argv=None) -> TrainConfig:
     ap = argparse.ArgumentParser(prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
@@ -35,7 +41,7 @@ def parse(argv=None) -> TrainConfig:
         if f.name == "max_grad_norm":
             kind = float
         ap.add_argument("--" + f.name.replace("_", "-"), type=kind, default=defaults[f.name],
-                        help=f"default: {defaults[f.name]}")
+                        help=HELP.get(f.name, f"default: {defaults[f.name]}"))
     ap.add_argument("--buckets", type=lambda s: tuple(int(x) for x in s.split(",")), default=(),
                     help="text length buckets, e.g. 256,512,1024 (default: powers of two up to --max-length)")
     ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")

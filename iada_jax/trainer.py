@@ -63,6 +63,7 @@ class TrainConfig:
     keep: int = 3
     resume: bool = False
     stop_after: int | None = None  # end this invocation (with a checkpoint) after N optimizer steps
+    init_adapters: str | None = None  # start from these adapters (convert import-peft output, a run dir)
     max_images: int = 1
     buckets: tuple[int, ...] = ()
     workers: int = 2
@@ -81,7 +82,44 @@ def _experiment(cfg: TrainConfig):
         exp = dataclasses.replace(exp, lora=dataclasses.replace(exp.lora, r=cfg.lora_r, lora_alpha=scale * cfg.lora_r))
     if not exp.trains:
         raise TrainingError(f"experiment {cfg.exp!r} trains nothing (it is the pre-trained baseline)")
-    return exp
+    start = None
+    if cfg.init_adapters:
+        exp, start = _with_start(cfg, exp)
+    return exp, start
+
+
+def _with_start(cfg: TrainConfig, exp):
+    """The experiment with the LoRA shape of the adapters it starts from (rank, alpha, targets;
+    dropout stays the experiment's: it is a training setting), and those adapters."""
+    from iada_jax.adapters import load_adapters
+
+    start = load_adapters(cfg.init_adapters)
+    where = f"--init-adapters {cfg.init_adapters}"
+    if cfg.lora_r is not None:
+        raise TrainingError(f"{where} fixes the LoRA rank; drop --lora-r")
+    for name in ("lora", "iada"):
+        if getattr(start, name) is not None and getattr(exp, name) is None:
+            raise TrainingError(f"{where} holds {name} weights but experiment {exp.name!r} trains no {name}")
+    if start.lora is not None:
+        exp = dataclasses.replace(exp, lora=dataclasses.replace(start.lora, lora_dropout=exp.lora.lora_dropout))
+    if start.iada is not None and start.iada != exp.iada:
+        differ = [f"{f.name}={getattr(start.iada, f.name)!r} (experiment: {getattr(exp.iada, f.name)!r})"
+                  for f in dataclasses.fields(start.iada) if getattr(start.iada, f.name) != getattr(exp.iada, f.name)]
+        raise TrainingError(f"{where}: its IADA differs from experiment {exp.name!r}: {', '.join(differ)}")
+    return exp, start
+
+
+def _start_from(trainable: dict, start, where: str) -> dict:
+    """Fresh adapters with the collections `start` holds replaced by its weights (same shapes)."""
+    out = dict(trainable)
+    for name, value in start.variables.items():
+        want = jax.tree.map(lambda x: x.shape, trainable[name])
+        got = jax.tree.map(lambda x: x.shape, value)
+        if want != got:
+            raise TrainingError(f"--init-adapters {where}: the {name} weights do not fit this model "
+                                f"(expected shapes {want}, found {got})")
+        out[name] = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), value)
+    return out
 
 
 def _load(cfg: TrainConfig, log):
@@ -109,7 +147,7 @@ def fit(cfg: TrainConfig, log=print) -> dict:
         raise TrainingError(f"{cfg.out} already holds a run ({', '.join(used)}); continue it with --resume "
                             "or choose another --out")
     os.makedirs(cfg.out, exist_ok=True)
-    exp = _experiment(cfg)
+    exp, start = _experiment(cfg)
     model, tokenizer, image_config = _load(cfg, log)
     mcfg = model.config
     block = exp.iada.block_size if exp.iada is not None else model.fwd.block_size
@@ -135,6 +173,9 @@ def fit(cfg: TrainConfig, log=print) -> dict:
     # One compiled program each (eagerly, every small op would compile on its own).
     trainable = jax.jit(lambda key, p: init_adapters(key, p, cfg=mcfg, fwd=fwd, lora=exp.lora, iada=exp.iada))(
         jax.random.PRNGKey(cfg.seed), model.params)
+    if start is not None:
+        trainable = _start_from(trainable, start, cfg.init_adapters)
+        log(f"adapters from {cfg.init_adapters}: {', '.join(sorted(start.variables))}")
     trainable = jax.device_put(jax.tree.map(lambda x: x.astype(jnp.float32), trainable), replicated(mesh))
     state = jax.jit(lambda t, f: init_train_state(t, f, tx))(trainable, frozen)
 

@@ -135,3 +135,30 @@ def test_bf16_training_with_remat_runs_and_keeps_float32_adapters(embedded, tmp_
                          remat="full", block_size=2), log=quiet)
     assert summary["step"] == 3 and all(np.isfinite(summary["losses"]))
     assert {np.asarray(x).dtype for x in jax.tree.leaves(summary["trainable"])} == {np.dtype("float32")}
+
+
+def test_training_starts_from_exported_then_imported_adapters(embedded, tmp_path):
+    """JAX run -> PEFT adapter -> import-peft -> train.py --init-adapters: the new run starts
+    from those LoRA weights (learning rate 0 keeps them, bit for bit); a run directory also
+    carries its IADA weights; mismatching starts are refused."""
+    from convert.export import export_peft
+    from convert.import_peft import import_peft
+    from iada_jax.adapters import load_adapters
+
+    fit(config(embedded, tmp_path / "a", steps=3, block_size=2, lora_r=4), log=quiet)
+    peft_dir = export_peft(str(tmp_path / "a"), str(tmp_path / "peft"))
+    imported = import_peft(peft_dir, str(tmp_path / "imported"), embedded[0])
+    frozen_lr = dict(steps=1, block_size=2, lora_lr=0.0, iada_lr=0.0)
+    fit(config(embedded, tmp_path / "b", init_adapters=imported, **frozen_lr), log=quiet)
+    fit(config(embedded, tmp_path / "c", init_adapters=str(tmp_path / "a"), **frozen_lr), log=quiet)
+    a, b, c = (load_adapters(str(tmp_path / n)) for n in "abc")
+    assert b.lora.r == 4 and b.lora.lora_dropout == a.lora.lora_dropout
+    for got in (b, c):
+        jax.tree.map(np.testing.assert_array_equal, got.variables["lora"], a.variables["lora"])
+    jax.tree.map(np.testing.assert_array_equal, c.variables["iada"], a.variables["iada"])
+    assert np.abs(b.variables["iada"]["gate"]).max() == 0.0  # IADA starts fresh from a PEFT adapter
+    with pytest.raises(TrainingError, match="IADA differs from experiment 'adaptive_no_split': routing="):
+        fit(config(embedded, tmp_path / "d", exp="adaptive_no_split", init_adapters=str(tmp_path / "a"),
+                   **frozen_lr), log=quiet)
+    with pytest.raises(TrainingError, match="drop --lora-r"):
+        fit(config(embedded, tmp_path / "e", init_adapters=imported, lora_r=8, **frozen_lr), log=quiet)
