@@ -359,3 +359,25 @@ def test_torch_iada_imports_without_jax(base, tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["DepthAggregation", "IadaSettings"]
+
+
+def test_iada_on_a_bfloat16_model_stays_close_to_float32(base, tmp_path):
+    """The module computes in float32 and injects in the model's dtype (as the JAX side)."""
+    exp = get_experiment("D_iada_lora", block_size=2)
+    adapters = live_adapters(base.vlm, exp, seed=8, scale=0.1)
+    out = export_peft(make_run(tmp_path / "run", base.ckpt, exp, adapters), str(tmp_path / "peft"))
+    x = inputs(True)
+    model = load_peft(base, out)
+    handle = attach_iada(model, out)
+    ref = torch_logits(model, x)
+    handle.detach()
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    attach_iada(half, out)
+    kw = torch_kwargs(x)
+    kw["pixel_values"] = kw["pixel_values"].to(torch.bfloat16)
+    with torch.no_grad():
+        got = half(**kw).logits.float().numpy()
+    m = x["mask"].astype(bool)
+    err = np.abs(got - ref)[m].mean()
+    print(f"[export] bf16 vs f32 logits with LoRA + IADA: mean abs {err:.3f} on scale {np.abs(ref).max():.0f}")
+    assert np.isfinite(got).all() and err < 0.05 * np.abs(ref).max()
