@@ -20,11 +20,10 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 
 import numpy as np
 
-from convert.import_hf import AUX_FILE_PREFIXES
+from convert.import_hf import copy_aux_files
 from convert.mapping import export_to_hf
 from convert.peft_format import (
     ADAPTER_CONFIG,
@@ -40,6 +39,7 @@ from convert.peft_format import (
 )
 from convert.safetensors_io import write_safetensors
 from iada_jax.adapters import AdapterError, TrainedAdapters, load_adapters, resolve_model
+from iada_jax.checkpoint import write_folder_atomically
 from iada_jax.config import Qwen3VLConfig, param_dtype
 
 TORCH_MODULE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "iada_jax", "torch_iada.py")
@@ -51,19 +51,7 @@ class ExportError(ValueError):
 
 
 def _atomic_folder(out_dir: str, write) -> str:
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir):
-        raise ExportError(f"{out_dir}: already exists; remove it or choose another OUT_DIR")
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-    try:
-        write(tmp)
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return write_folder_atomically(out_dir, write, ExportError)
 
 
 def _base_config(model_dir: str) -> tuple[dict, Qwen3VLConfig]:
@@ -220,9 +208,7 @@ def export_merged(run_dir: str, out_dir: str, step: int | None = None, model: st
         shards = write_hf_weights(folder, tensors, max_shard_bytes)
         with open(os.path.join(folder, "config.json"), "w") as f:
             json.dump(hf_config, f, indent=2)
-        for name in sorted(os.listdir(model_dir)):
-            if name.startswith(AUX_FILE_PREFIXES) and os.path.isfile(os.path.join(model_dir, name)):
-                shutil.copy2(os.path.join(model_dir, name), os.path.join(folder, name))
+        copy_aux_files(model_dir, folder)
         write_iada_files(folder, adapters, cfg)
         with open(os.path.join(folder, "README.md"), "w") as f:
             f.write(_readme(adapters, model_dir, merged=True))

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from typing import Callable
 
 import jax
@@ -134,9 +133,16 @@ def read_hf_params(
     return cfg, params
 
 
+def copy_aux_files(src: str, dst: str) -> None:
+    """Tokenizer, chat template and processor files, copied as they are."""
+    for name in sorted(os.listdir(src)):
+        if name.startswith(AUX_FILE_PREFIXES) and os.path.isfile(os.path.join(src, name)):
+            shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
+
+
 def import_hf(hf_dir: str, out_dir: str, dtype: str = "bfloat16", verbose: bool = True) -> None:
     """Convert `hf_dir` into an iada-jax checkpoint at `out_dir` (created atomically)."""
-    from iada_jax.checkpoint import write_base_checkpoint
+    from iada_jax.checkpoint import write_base_checkpoint, write_folder_atomically
 
     hf_dir, out_dir = os.path.abspath(hf_dir), os.path.abspath(out_dir)
     if os.path.exists(out_dir):
@@ -150,20 +156,14 @@ def import_hf(hf_dir: str, out_dir: str, dtype: str = "bfloat16", verbose: bool 
             print(f"  converted {done}/{total} tensors ({pct}%)", file=sys.stderr, flush=True)
 
     cfg, params = read_hf_params(hf_dir, dtype, progress)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-    try:
+
+    def write(folder):
         with open(os.path.join(hf_dir, "config.json")) as f:
             hf_config = json.load(f)
-        write_base_checkpoint(tmp, params, hf_config, dtype=dtype, source=hf_dir)
-        for name in sorted(os.listdir(hf_dir)):
-            if name.startswith(AUX_FILE_PREFIXES) and os.path.isfile(os.path.join(hf_dir, name)):
-                shutil.copy2(os.path.join(hf_dir, name), os.path.join(tmp, name))
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_base_checkpoint(folder, params, hf_config, dtype=dtype, source=hf_dir)
+        copy_aux_files(hf_dir, folder)
+
+    write_folder_atomically(out_dir, write, lambda message: ConversionError(hf_dir, [message]))
     if verbose:
         n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
         print(f"wrote {out_dir} ({n:,} parameters, {dtype}; text layers {cfg.text.num_hidden_layers})", file=sys.stderr)

@@ -16,12 +16,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 
 import numpy as np
 
-from iada_jax.checkpoint import load_params, save_params
+from iada_jax.checkpoint import load_params, save_params, write_folder_atomically
 from iada_jax.config import IadaConfig, LoraConfig
 
 FORMAT = "iada-jax-adapters"
@@ -46,42 +44,27 @@ def config_dict(cfg) -> dict | None:
     return None if cfg is None else dataclasses.asdict(cfg)
 
 
-def _lora_config(d: dict | None, where: str) -> LoraConfig | None:
+def _config(cls, d: dict | None, where: str):
+    """A LoraConfig / IadaConfig from its JSON dict (None stays None)."""
     if d is None:
         return None
     try:
-        return LoraConfig(**d)
+        return cls(**d)
     except (TypeError, ValueError) as e:
-        raise AdapterError(f"{where}: bad LoRA config ({e})") from None
+        raise AdapterError(f"{where}: bad {cls.__name__} ({e})") from None
 
 
-def _iada_config(d: dict | None, where: str) -> IadaConfig | None:
-    if d is None:
-        return None
-    try:
-        return IadaConfig(**d)
-    except (TypeError, ValueError) as e:
-        raise AdapterError(f"{where}: bad IADA config ({e})") from None
+def save_adapters(out_dir: str, adapters: TrainedAdapters) -> str:
+    """Write an adapters folder atomically."""
 
-
-def save_adapters(out_dir: str, adapters: TrainedAdapters) -> None:
-    """Write an adapters folder atomically (a temporary folder renamed at the end)."""
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir):
-        raise AdapterError(f"{out_dir}: already exists; remove it or choose another output folder")
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-    try:
-        save_params(os.path.join(tmp, "params"), {k: v for k, v in adapters.variables.items()})
+    def write(folder):
+        save_params(os.path.join(folder, "params"), dict(adapters.variables))
         meta = {"format": FORMAT, "version": VERSION, "lora": config_dict(adapters.lora),
                 "iada": config_dict(adapters.iada), "model": adapters.model, "source": adapters.source}
-        with open(os.path.join(tmp, META_FILE), "w") as f:
+        with open(os.path.join(folder, META_FILE), "w") as f:
             json.dump(meta, f, indent=1)
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    return write_folder_atomically(out_dir, write, AdapterError)
 
 
 def _numpy(tree):
@@ -106,7 +89,7 @@ def load_adapters(path: str, step: int | None = None) -> TrainedAdapters:
             raise AdapterError(f"{meta_path}: describes {meta.get('format')} v{meta.get('version')}, this code "
                                f"reads {FORMAT} v{VERSION}")
         variables = load_params(os.path.join(path, "params"))
-        return TrainedAdapters(_lora_config(meta["lora"], meta_path), _iada_config(meta["iada"], meta_path),
+        return TrainedAdapters(_config(LoraConfig, meta["lora"], meta_path), _config(IadaConfig, meta["iada"], meta_path),
                                _numpy(dict(variables)), meta.get("model"), path)
     return _load_run(path, step)
 
@@ -130,8 +113,8 @@ def _load_run(run_dir: str, step: int | None) -> TrainedAdapters:
         if not os.path.isdir(weights):
             raise AdapterError(f"{run_dir}: no checkpoint for step {step} (saved: {_saved_steps(run_dir) or 'none'})")
         variables = load_params(weights)["trainable"]
-    lora = _lora_config(run.get("lora"), config_path)
-    iada = _iada_config(run.get("iada"), config_path)
+    lora = _config(LoraConfig, run.get("lora"), config_path)
+    iada = _config(IadaConfig, run.get("iada"), config_path)
     variables = _numpy(dict(variables))
     for name, cfg in (("lora", lora), ("iada", iada)):
         if (cfg is None) != (name not in variables):

@@ -12,12 +12,33 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
+from typing import Callable
 
 import orbax.checkpoint as ocp
 
 BASE_FORMAT = "iada-jax-base"
 BASE_VERSION = 1
 META_FILE = "iada_jax.json"
+
+
+def write_folder_atomically(out_dir: str, write: Callable[[str], None], error=FileExistsError) -> str:
+    """Create `out_dir` by `write(tmp)` into a temporary sibling renamed at the end: a failure
+    (or an interrupt) leaves no half-written folder. An existing `out_dir` raises `error`."""
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir):
+        raise error(f"{out_dir}: already exists; remove it or choose another output folder")
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    try:
+        write(tmp)
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
 
 
 def save_params(path: str, params: dict) -> None:

@@ -71,7 +71,10 @@ CHOICES = {  # mirrors iada_jax.config.IADA_CHOICES
 
 @dataclasses.dataclass(frozen=True)
 class IadaSettings:
-    """The IADA switches (iada_jax.config.IadaConfig) and what the operator needs of the base."""
+    """The IADA switches (iada_jax.config.IadaConfig) and what the operator needs of the base.
+
+    A copy of IadaConfig's fields, not an import: this file must stand alone in an export
+    folder. tests/test_torch_iada.py keeps the two (and CHOICES) in step."""
 
     hidden_size: int
     num_attention_heads: int

@@ -54,3 +54,14 @@ def test_settings_refuse_unknown_switches():
     with pytest.raises(ValueError, match="scope='later'"):
         torch_iada.IadaSettings(hidden_size=8, num_attention_heads=2, num_hidden_layers=4, rms_norm_eps=1e-6,
                                 image_token_id=1, video_token_id=2, scope="later")
+
+
+def test_settings_mirror_the_jax_config():
+    """torch_iada.py copies IadaConfig (it must import without the package): same switches,
+    same defaults, same choices."""
+    from iada_jax.config import IADA_CHOICES, IadaConfig
+
+    ours = {f.name: f.default for f in dataclasses.fields(torch_iada.IadaSettings)}
+    for f in dataclasses.fields(IadaConfig):
+        assert f.name in ours and ours[f.name] == f.default, f.name
+    assert torch_iada.CHOICES == IADA_CHOICES
