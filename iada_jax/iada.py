@@ -244,6 +244,7 @@ class DepthAggregation(nn.Module):
     num_heads: int
     num_blocks: int
     eps: float = 1e-6
+    return_vectors: bool = False  # also return each stream's injected vector g * a [M, B, D] (decode cache)
 
     @nn.compact
     def __call__(self, h: Array, buffer: Array, block_index: Array, masks: TokenMasks):
@@ -275,6 +276,7 @@ class DepthAggregation(nn.Module):
         if c.shared_projection:
             shared = QueryProjection("adaptive", c.rank, c.bottleneck, d, name="query_shared")
         delta = jnp.zeros_like(h32)
+        vectors = []
         for i, m in enumerate(streams):
             kind = c.stream_query(m)
             proj = shared or QueryProjection(kind, c.rank, c.bottleneck, d, name=f"query_{m}")
@@ -297,6 +299,13 @@ class DepthAggregation(nn.Module):
             g = gates[i]
             g = g.reshape(g.shape + (1,) * (3 - g.ndim)) if g.ndim else g  # [B] or [B, T] -> [B, 1|T, 1]
             delta = delta + jnp.where(inject[m][..., None], g * a, 0.0)
+            if self.return_vectors:
+                if a.shape[1] != 1:
+                    raise ValueError("return_vectors needs one injected vector per sequence (prompt scope, "
+                                     "sequence granularity, attention over tokens)")
+                vectors.append((g * a)[:, 0])
+        if self.return_vectors:
+            return h + delta.astype(h.dtype), buffer, jnp.stack(vectors)
         return h + delta.astype(h.dtype), buffer
 
     def _gates(self, contexts: dict, block_index: Array) -> list[Array]:

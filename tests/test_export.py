@@ -31,6 +31,7 @@ from convert.import_peft import PeftImportError, import_peft
 from iada_jax.adapters import AdapterError, load_adapters
 from iada_jax.checkpoint import save_params
 from iada_jax.config import ForwardConfig, LoraConfig
+from iada_jax.evaluation.generate import GenerationConfig, generate
 from iada_jax.experiments import get_experiment
 from iada_jax.model.qwen3_vl import forward
 from iada_jax.tiny_hf import SPECIAL_IDS, TEXT_VOCAB
@@ -202,6 +203,10 @@ def test_greedy_generate_with_iada_equals_our_decode(base, tmp_path, name):
     np.testing.assert_array_equal(gen.sequences[:, x["ids"].shape[1]:].numpy(), tokens)
     err = np.abs(torch.stack(gen.logits, 1).numpy() - logits).max()
     assert err <= TOL, f"{name}: per-step logits differ by {err:.2e}"
+    # Our decoder (KV cache with IADA's cached vectors, or recomputation) gives the same tokens.
+    ours = generate(base.vlm, x["ids"], x["mask"], x["pv"], x["grid"], lora=exp.lora, iada=exp.iada,
+                    adapters=adapters, config=GenerationConfig(max_new_tokens=steps, suppress_token_ids=tuple(SUPPRESS)))
+    np.testing.assert_array_equal(ours, tokens)
 
 
 def test_full_scope_refuses_the_kv_cache_and_generates_without_it(base, tmp_path):

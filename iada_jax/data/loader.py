@@ -171,15 +171,17 @@ class SFTData:
             stop.set()
 
 
-def collate(examples: list[Example], length: int, cfg: Qwen3VLConfig, max_frames: int) -> Batch:
-    """Right-pad to [B, length]; vision padded to a power-of-two bucket of patches and frames."""
+def collate(examples: list[Example], length: int, cfg: Qwen3VLConfig, max_frames: int, side: str = "right") -> Batch:
+    """Pad to [B, length] (right, or left for generation); vision padded to a power-of-two
+    bucket of patches and frames."""
     b = len(examples)
     ids = np.zeros((b, length), np.int32)
     mask = np.zeros((b, length), np.int32)
     loss = np.zeros((b, length), np.int32)
     for r, ex in enumerate(examples):
         n = len(ex.input_ids)
-        ids[r, :n], mask[r, :n], loss[r, :n] = ex.input_ids, 1, ex.loss_mask
+        at = slice(length - n, length) if side == "left" else slice(0, n)
+        ids[r, at], mask[r, at], loss[r, at] = ex.input_ids, 1, ex.loss_mask
     grids = [ex.image_grid_thw for ex in examples if ex.image_grid_thw is not None]
     positions, _ = get_rope_index(ids, mask, np.concatenate(grids) if grids else None, None,
                                   image_token_id=cfg.image_token_id, video_token_id=cfg.video_token_id,

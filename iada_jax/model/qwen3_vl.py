@@ -15,6 +15,7 @@ from flax import linen as nn
 from iada_jax.config import ConfigError, ForwardConfig, IadaConfig, LoraConfig, Qwen3VLConfig
 from iada_jax.data.batch import Batch
 from iada_jax.iada import token_masks
+from iada_jax.model.kv_cache import KVCache
 from iada_jax.model.layers import Dense
 from iada_jax.model.text import NO_ADAPTERS, Adapters, TextModel, from_block_layout, to_block_layout
 from iada_jax.model.vision import VisionModel
@@ -29,16 +30,17 @@ class LanguageModelWrapper(nn.Module):
     fwd: ForwardConfig
     keep_hidden: bool = False
     adapters: Adapters = NO_ADAPTERS
+    cache_mode: str = "none"
 
     def setup(self):
-        self.language_model = TextModel(self.cfg.text, self.fwd, self.keep_hidden, self.adapters)
+        self.language_model = TextModel(self.cfg.text, self.fwd, self.keep_hidden, self.adapters, self.cache_mode)
         self.visual = VisionModel(self.cfg.vision, jnp.dtype(self.fwd.dtype))
 
     def vision_features(self, batch: Batch):
         """(merged [Nv, D], DeepStack [K, Nv, D]) of the batch's images and videos, frozen."""
         return jax.lax.stop_gradient(self.visual(batch.vision))
 
-    def __call__(self, batch: Batch):
+    def __call__(self, batch: Batch, cache: KVCache | None = None):
         embeds = self.language_model.embed_tokens(batch.input_ids)
         deepstack = None
         if batch.vision is not None:
@@ -51,10 +53,10 @@ class LanguageModelWrapper(nn.Module):
         if self.adapters.iada is not None:
             masks = token_masks(batch.input_ids, batch.attention_mask, batch.loss_mask,
                                 (self.cfg.image_token_id, self.cfg.video_token_id))
-        h, hidden = self.language_model(
-            embeds, batch.position_ids, batch.attention_mask, deepstack, batch.visual_index, masks
+        h, hidden, cache = self.language_model(
+            embeds, batch.position_ids, batch.attention_mask, deepstack, batch.visual_index, masks, cache
         )
-        return h, embeds, hidden
+        return h, embeds, hidden, cache
 
     def tied_head(self, h: Array) -> Array:
         return self.language_model.embed_tokens.attend(h)
@@ -65,20 +67,25 @@ class Qwen3VLForConditionalGeneration(nn.Module):
     fwd: ForwardConfig
     keep_hidden: bool = False
     adapters: Adapters = NO_ADAPTERS
+    cache_mode: str = "none"
 
     @nn.compact
-    def __call__(self, batch: Batch):
-        """Returns (logits [B, T, V] in the compute dtype, hidden states or None).
+    def __call__(self, batch: Batch, cache: KVCache | None = None):
+        """Returns (logits [B, T, V] in the compute dtype, hidden states or None), or with a
+        cache (cache_mode prefill/decode) (logits, the updated cache).
 
         hidden states, when `keep_hidden`: [L + 1, B, T, D] = the embeddings, then the
         output of each decoder layer (the last one before the final norm).
         """
-        model = LanguageModelWrapper(self.cfg, self.fwd, self.keep_hidden, self.adapters, name="model")
-        h, embeds, hidden = model(batch)
+        model = LanguageModelWrapper(self.cfg, self.fwd, self.keep_hidden, self.adapters, self.cache_mode,
+                                     name="model")
+        h, embeds, hidden, cache = model(batch, cache)
         if self.cfg.tie_word_embeddings:
             logits = model.tied_head(h)
         else:
             logits = Dense(self.cfg.text.vocab_size, name="lm_head")(h)
+        if cache is not None:
+            return logits, cache
         if hidden is not None:
             hidden = jnp.concatenate([embeds[None], hidden], axis=0)
         return logits, hidden
@@ -141,6 +148,19 @@ def forward(params: dict, batch: Batch, *, cfg: Qwen3VLConfig, fwd: ForwardConfi
     module = Qwen3VLForConditionalGeneration(cfg, fwd, keep_hidden, _adapters(lora, iada, fwd, dropout_rng is None))
     rngs = {} if dropout_rng is None else {"dropout": dropout_rng}
     return module.apply(module_variables(params, adapters, fwd), batch, rngs=rngs)
+
+
+def forward_cached(params: dict, batch: Batch, cache: KVCache, *, cfg: Qwen3VLConfig, fwd: ForwardConfig,
+                   lora: LoraConfig | None = None, iada: IadaConfig | None = None, adapters: dict | None = None,
+                   decode: bool = False):
+    """The forward of T new tokens appended to a KV cache: the prompt (decode=False, the
+    prefill: it also stores IADA's vectors) or generated tokens (decode=True: IADA adds the
+    stored vectors). batch.position_ids are the new tokens' positions. Returns (logits, cache).
+    Jit with cfg, fwd, lora, iada and decode static."""
+    fwd.check(cfg.text)
+    module = Qwen3VLForConditionalGeneration(cfg, fwd, False, _adapters(lora, iada, fwd, True),
+                                             "decode" if decode else "prefill")
+    return module.apply(module_variables(params, adapters, fwd), batch, cache)
 
 
 def init_adapters(key: jax.Array, params: dict, *, cfg: Qwen3VLConfig, fwd: ForwardConfig,

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from iada_jax.config import ForwardConfig, IadaConfig, LoraConfig, TextConfig
-from iada_jax.iada import DepthAggregation, TokenMasks
+from iada_jax.iada import DepthAggregation, TokenMasks, stream_mask
 from iada_jax.model.layers import (
     Dense,
     Embed,
@@ -27,6 +27,7 @@ from iada_jax.model.layers import (
     dot_product_attention,
     mrope_cos_sin,
 )
+from iada_jax.model.kv_cache import KVCache
 
 Array = jax.Array
 
@@ -42,11 +43,12 @@ class LayerContext:
     deepstack: Array | None = None  # [K, Nv, D] visual features added after layers 0..K-1
     visual_index: Array | None = None  # [Nv] flat (b * T + t) positions of the visual tokens
     token_masks: TokenMasks | None = None  # what IADA reads (streams, scope)
+    cache_index: Array | None = None  # [] int32: KV-cache slot of the first token (decoding)
 
 
 jax.tree_util.register_dataclass(
     LayerContext,
-    data_fields=["cos", "sin", "mask", "seq_lengths", "deepstack", "visual_index", "token_masks"],
+    data_fields=["cos", "sin", "mask", "seq_lengths", "deepstack", "visual_index", "token_masks", "cache_index"],
     meta_fields=[],
 )
 
@@ -89,7 +91,9 @@ class Attention(nn.Module):
     adapters: Adapters = NO_ADAPTERS
 
     @nn.compact
-    def __call__(self, x: Array, ctx: LayerContext) -> Array:
+    def __call__(self, x: Array, ctx: LayerContext, cache: tuple[Array, Array] | None = None):
+        """Returns (output, cache): with a cache (k, v [B, S, Hkv, hd]) this call's keys and
+        values are written at slot ctx.cache_index on, and the queries read every slot."""
         c, ad = self.cfg, self.adapters
         b, t, _ = x.shape
         q = Dense(c.num_attention_heads * c.head_dim, c.attention_bias, **ad.dense("q_proj"))(x)
@@ -99,8 +103,15 @@ class Attention(nn.Module):
         k = RMSNorm(c.rms_norm_eps, name="k_norm")(k.reshape(b, t, c.num_key_value_heads, c.head_dim))
         v = v.reshape(b, t, c.num_key_value_heads, c.head_dim)
         q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
-        a = dot_product_attention(q, k, v, ctx.mask, ctx.seq_lengths, self.implementation)
-        return Dense(c.hidden_size, c.attention_bias, **ad.dense("o_proj"))(a.reshape(b, t, -1))
+        if cache is None:
+            a = dot_product_attention(q, k, v, ctx.mask, ctx.seq_lengths, self.implementation)
+        else:
+            k_all = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), ctx.cache_index, axis=1)
+            v_all = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), ctx.cache_index, axis=1)
+            # The mask (slot filled and not after the query) is explicit: the XLA path.
+            a = dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), ctx.mask, ctx.seq_lengths, "xla")
+            cache = (k_all, v_all)
+        return Dense(c.hidden_size, c.attention_bias, **ad.dense("o_proj"))(a.reshape(b, t, -1)), cache
 
 
 class MLP(nn.Module):
@@ -126,13 +137,16 @@ class DecoderLayer(nn.Module):
     adapters: Adapters = NO_ADAPTERS
 
     @nn.compact
-    def __call__(self, h: Array, layer_index: Array, ctx: LayerContext):
+    def __call__(self, h: Array, xs, ctx: LayerContext):
+        """xs = (layer_index, this layer's KV cache or None) -> (h, (hidden or None, cache))."""
+        layer_index, cache = xs
         x = RMSNorm(self.cfg.rms_norm_eps, name="input_layernorm")(h)
-        h = h + Attention(self.cfg, self.implementation, self.adapters, name="self_attn")(x, ctx)
+        a, cache = Attention(self.cfg, self.implementation, self.adapters, name="self_attn")(x, ctx, cache)
+        h = h + a
         x = RMSNorm(self.cfg.rms_norm_eps, name="post_attention_layernorm")(h)
         h = h + MLP(self.cfg, self.adapters, name="mlp")(x)
         h = inject_deepstack(h, layer_index, ctx)
-        return h, (h if self.keep_hidden else None)
+        return h, (h if self.keep_hidden else None, cache)
 
 
 _REMAT_POLICIES = {
@@ -160,19 +174,23 @@ def _remat(cls, fwd: ForwardConfig):
 class Block(nn.Module):
     """S consecutive decoder layers as an inner scan, then IADA at the boundary.
 
-    Scan signature: ((h, buffer), (layer_index [S], block_index), ctx) -> ((h, buffer), hidden).
-    buffer is the [N + 1, B, T, D] store of boundary states (None without IADA).
+    Scan signature: ((h, buffer), (layer_index [S], block_index, cache, vectors), ctx)
+    -> ((h, buffer), (hidden, cache, vectors)). buffer is the [N + 1, B, T, D] store of boundary
+    states (None without IADA); cache the block's KV cache [S, ...] (None without one).
+    cache_mode "prefill" also returns IADA's injected vectors [M, B, D]; "decode" adds the
+    prefill's vectors instead of running the operator (iada_jax/model/kv_cache.py).
     """
 
     cfg: TextConfig
     fwd: ForwardConfig
     keep_hidden: bool = False
     adapters: Adapters = NO_ADAPTERS
+    cache_mode: str = "none"
 
     @nn.compact
     def __call__(self, carry, xs, ctx: LayerContext):
         h, buffer = carry
-        layer_index, block_index = xs
+        layer_index, block_index, cache, vectors = xs
         layers = nn.scan(
             _remat(DecoderLayer, self.fwd),
             variable_axes=_STACKED,
@@ -180,14 +198,24 @@ class Block(nn.Module):
             in_axes=(0, nn.broadcast),
             length=self.fwd.block_size,
         )(self.cfg, self.fwd.attention, self.keep_hidden, self.adapters, name="layers")
-        h, hidden = layers(h, layer_index, ctx)
-        if self.adapters.iada is not None:
+        h, (hidden, cache) = layers(h, (layer_index, cache), ctx)
+        iada_cfg = self.adapters.iada
+        if iada_cfg is not None and self.cache_mode == "decode":
+            masks = ctx.token_masks
+            add = sum(jnp.where(stream_mask(masks, m)[..., None], vectors[i][:, None, :], 0.0)
+                      for i, m in enumerate(iada_cfg.streams))
+            h = h + add.astype(h.dtype)
+        elif iada_cfg is not None:
             iada = _remat(DepthAggregation, self.fwd)(
-                self.adapters.iada, self.cfg.hidden_size, self.cfg.num_attention_heads,
-                self.cfg.num_hidden_layers // self.fwd.block_size, self.cfg.rms_norm_eps, name="iada",
+                iada_cfg, self.cfg.hidden_size, self.cfg.num_attention_heads,
+                self.cfg.num_hidden_layers // self.fwd.block_size, self.cfg.rms_norm_eps,
+                return_vectors=self.cache_mode == "prefill", name="iada",
             )
-            h, buffer = iada(h, buffer, block_index, ctx.token_masks)
-        return (h, buffer), hidden
+            if self.cache_mode == "prefill":
+                h, buffer, vectors = iada(h, buffer, block_index, ctx.token_masks)
+            else:
+                h, buffer = iada(h, buffer, block_index, ctx.token_masks)
+        return (h, buffer), (hidden, cache, vectors)
 
 
 class TextModel(nn.Module):
@@ -197,6 +225,7 @@ class TextModel(nn.Module):
     fwd: ForwardConfig
     keep_hidden: bool = False
     adapters: Adapters = NO_ADAPTERS
+    cache_mode: str = "none"  # "prefill" / "decode": a KV cache is read and written
 
     def setup(self):
         self.embed_tokens = Embed(self.cfg.vocab_size, self.cfg.hidden_size, jnp.dtype(self.fwd.dtype))
@@ -207,40 +236,58 @@ class TextModel(nn.Module):
             split_rngs=_SPLIT_RNGS,
             in_axes=(0, nn.broadcast),
             length=self.cfg.num_hidden_layers // self.fwd.block_size,
-        )(self.cfg, self.fwd, self.keep_hidden, self.adapters)
+        )(self.cfg, self.fwd, self.keep_hidden, self.adapters, self.cache_mode)
         self.norm = RMSNorm(self.cfg.rms_norm_eps)
 
     def __call__(self, inputs_embeds: Array, position_ids: Array, attention_mask: Array,
                  deepstack: Array | None = None, visual_index: Array | None = None,
-                 token_masks: TokenMasks | None = None):
+                 token_masks: TokenMasks | None = None, cache: KVCache | None = None):
         """inputs_embeds [B, T, D], position_ids [3, B, T], attention_mask [B, T];
         deepstack [K, Nv, D] and visual_index [Nv] when the batch has images or videos;
-        token_masks when IADA is on.
+        token_masks when IADA is on; cache (cache_mode prefill/decode) the KV cache the T
+        tokens are appended to.
 
-        Returns (final normed hidden [B, T, D], per-layer outputs [L, B, T, D] or None);
-        a layer's output is taken after its DeepStack addition (the state the next layer
-        reads), and before the IADA injection at a block boundary.
+        Returns (final normed hidden [B, T, D], per-layer outputs [L, B, T, D] or None, the
+        updated cache or None); a layer's output is taken after its DeepStack addition (the
+        state the next layer reads), and before the IADA injection at a block boundary.
         """
         c = self.cfg
         cos, sin = mrope_cos_sin(position_ids, c.head_dim, c.rope_theta, c.mrope_section, inputs_embeds.dtype)
-        ctx = LayerContext(
-            cos=cos, sin=sin, mask=causal_padding_mask(attention_mask),
-            seq_lengths=attention_mask.sum(-1).astype(jnp.int32),
-            deepstack=deepstack, visual_index=visual_index, token_masks=token_masks,
-        )
         n_blocks = c.num_hidden_layers // self.fwd.block_size
+        if cache is None:
+            mask, cache_index, layer_cache, vectors = causal_padding_mask(attention_mask), None, None, None
+        else:
+            kv_mask = jax.lax.dynamic_update_slice_in_dim(cache.mask, attention_mask.astype(jnp.int32), cache.index, 1)
+            slots = jnp.arange(kv_mask.shape[1])
+            query_slot = cache.index + jnp.arange(attention_mask.shape[1])
+            mask = (kv_mask[:, None, None, :] > 0) & (slots[None, :] <= query_slot[:, None])[None, None]
+            cache_index = cache.index
+            to_blocks = lambda x: x.reshape((n_blocks, self.fwd.block_size) + x.shape[1:])  # noqa: E731
+            layer_cache = (to_blocks(cache.k), to_blocks(cache.v))
+            vectors = cache.iada if self.cache_mode == "decode" else None
+        ctx = LayerContext(
+            cos=cos, sin=sin, mask=mask, seq_lengths=attention_mask.sum(-1).astype(jnp.int32),
+            deepstack=deepstack, visual_index=visual_index, token_masks=token_masks, cache_index=cache_index,
+        )
         layer_index = jnp.arange(c.num_hidden_layers, dtype=jnp.int32).reshape(n_blocks, self.fwd.block_size)
         block_index = jnp.arange(n_blocks, dtype=jnp.int32)
         buffer = None
         if self.adapters.iada is not None:
             if token_masks is None:
                 raise ValueError("IADA needs token_masks (streams and scope of every token)")
-            # Boundary states H_0, H_S, ..., H_NS; entry 0 is the input embeddings.
-            buffer = jnp.zeros((n_blocks + 1,) + inputs_embeds.shape, inputs_embeds.dtype).at[0].set(inputs_embeds)
-        (h, _), hidden = self.blocks((inputs_embeds, buffer), (layer_index, block_index), ctx)
+            if self.cache_mode != "decode":
+                # Boundary states H_0, H_S, ..., H_NS; entry 0 is the input embeddings.
+                buffer = jnp.zeros((n_blocks + 1,) + inputs_embeds.shape, inputs_embeds.dtype).at[0].set(inputs_embeds)
+        (h, _), (hidden, layer_cache, vectors) = self.blocks(
+            (inputs_embeds, buffer), (layer_index, block_index, layer_cache, vectors), ctx)
         if hidden is not None:
             hidden = hidden.reshape((c.num_hidden_layers,) + hidden.shape[2:])
-        return self.norm(h), hidden
+        if cache is not None:
+            from_blocks = lambda x: x.reshape((c.num_hidden_layers,) + x.shape[2:])  # noqa: E731
+            cache = KVCache(k=from_blocks(layer_cache[0]), v=from_blocks(layer_cache[1]), mask=kv_mask,
+                            index=cache.index + attention_mask.shape[1],
+                            iada=vectors if self.cache_mode == "prefill" else cache.iada)
+        return self.norm(h), hidden, cache
 
 
 def to_block_layout(lm_params: dict, block_size: int) -> dict:

@@ -1,0 +1,132 @@
+"""Evaluate Qwen3-VL (and trained adapters) on the paper's 11 benchmarks; write its Table 1.
+
+    python eval.py                                       # embedded default: tiny model, fixture data
+    python eval.py --model CKPT --adapter RUN_DIR --bench paper --data DIR --out evals/d
+    python eval.py --model CKPT --bench mmmu,pope --limit 50 --out evals/quick
+    python eval.py --compare evals/a evals/b evals/d     # rows side by side, deltas vs the first
+
+--data DIR holds one entry per benchmark named after it (DIR/mmmu.parquet, DIR/pope/ as a
+save_to_disk folder, ...), in the benchmark's own Hugging Face schema; without --data, each
+benchmark's data set name is opened from the local `datasets` cache. --adapter takes a
+train.py run directory or an adapters folder (python -m convert import-peft).
+Outputs in --out: <bench>/predictions.jsonl, <bench>/scores.json, results.json, results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _source(data: str | None, bench) -> str:
+    if data is None:
+        return bench.DATASET
+    for name in sorted(os.listdir(data)):
+        if name == bench.NAME or os.path.splitext(name)[0] == bench.NAME:
+            return os.path.join(data, name)
+    raise FileNotFoundError(f"{data}: no entry for benchmark {bench.NAME!r} (expected {bench.NAME}.parquet, "
+                            f"{bench.NAME}/ or similar)")
+
+
+def _embedded(names: list[str], log) -> tuple[str, str]:
+    """The embedded tiny model and a fixture of each benchmark (cached in runs/embedded)."""
+    from iada_jax.embedded import prepare_embedded
+    from iada_jax.evaluation.benchmarks import get_benchmark
+
+    ckpt, _ = prepare_embedded(log=log)
+    data = os.path.join(os.path.dirname(ckpt), "bench")
+    for name in names:
+        folder = os.path.join(data, name)
+        if not os.path.exists(folder):
+            path = get_benchmark(name).write_fixture(folder + ".tmp", num=8, seed=0)
+            os.rename(folder + ".tmp", folder)
+            log(f"fixture {name}: {path.replace('.tmp', '')}")
+    return ckpt, data
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="eval.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="converted checkpoint or HF folder with its tokenizer (default: the embedded tiny model)")
+    ap.add_argument("--adapter", help="trained adapters: a run directory or an adapters folder")
+    ap.add_argument("--step", type=int, default=None, help="with --adapter RUN_DIR: that run's checkpoint at this step")
+    ap.add_argument("--bench", default="paper", help="'paper' (all 11) or comma-separated names")
+    ap.add_argument("--data", help="folder with one entry per benchmark (default: data set names from the cache)")
+    ap.add_argument("--out", default="evals/run", help="output folder (default: evals/run)")
+    ap.add_argument("--label", help="row label in the table (default: the adapter or model folder name)")
+    ap.add_argument("--limit", type=int, default=None, help="first N samples of each benchmark")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--mode", choices=["generate", "loglik"], default="generate",
+                    help="generate answers (lmms-eval), or pick multiple-choice options by log-likelihood")
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="default: each benchmark's")
+    ap.add_argument("--max-length", type=int, default=4096, help="prompt tokens, images included")
+    ap.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
+                    help="compute dtype (default bfloat16; float32 for the embedded default)")
+    ap.add_argument("--compare", nargs="+", metavar="EVAL_DIR", help="print the results of these eval folders side by side")
+    ap.add_argument("--no-progress", dest="progress", action="store_false")
+    args = ap.parse_args(argv)
+
+    from iada_jax.evaluation.table import compare
+
+    if args.compare:
+        try:
+            print(compare(args.compare), end="")
+        except (FileNotFoundError, KeyError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        return 0
+    try:
+        return _evaluate(args)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def _evaluate(args) -> int:
+    from transformers import AutoTokenizer
+
+    import iada_jax
+    from iada_jax.adapters import load_adapters
+    from iada_jax.config import ForwardConfig
+    from iada_jax.evaluation.benchmarks import PAPER, get_benchmark
+    from iada_jax.evaluation.runner import EvalConfig, Evaluator
+    from iada_jax.evaluation.table import markdown, write_results
+    from iada_jax.pretrained import _default_block_size
+
+    log = lambda *a: print(*a, file=sys.stderr)  # noqa: E731
+    names = list(PAPER) if args.bench == "paper" else [n.strip() for n in args.bench.split(",") if n.strip()]
+    benches = [get_benchmark(n) for n in names]
+    model_dir, data = args.model, args.data
+    if model_dir is None:
+        model_dir, fixtures = _embedded(names, log)
+        data = data or fixtures
+    dtype = args.dtype or ("float32" if args.model is None else "bfloat16")
+    lora = iada = variables = None
+    if args.adapter:
+        trained = load_adapters(args.adapter, args.step)
+        lora, iada, variables = trained.lora, trained.iada, trained.variables
+    with open(os.path.join(model_dir, "config.json")) as f:
+        import json
+
+        layers = iada_jax.Qwen3VLConfig.from_hf_config(json.load(f)).text.num_hidden_layers
+    block = iada.block_size if iada is not None else _default_block_size(layers)
+    model = iada_jax.load_pretrained(model_dir, dtype=dtype, fwd=ForwardConfig(block_size=block, dtype=dtype))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    cfg = EvalConfig(batch_size=args.batch_size, mode=args.mode, max_length=args.max_length,
+                     max_new_tokens=args.max_new_tokens, limit=args.limit)
+    evaluator = Evaluator(model, tokenizer, lora=lora, iada=iada, adapters=variables, cfg=cfg, progress=args.progress)
+    os.makedirs(args.out, exist_ok=True)
+    scores, details = {}, {}
+    for bench in benches:
+        result = evaluator.run(bench, _source(data, bench), args.out)
+        scores[bench.NAME], details[bench.NAME] = result["score"], result
+        log(f"{bench.TITLE}: {result['score']:.1f}")
+    label = args.label or os.path.basename(os.path.normpath(args.adapter or model_dir))
+    row = write_results(args.out, label, scores, details)
+    print(markdown({label: row}), end="")
+    print(f"wrote {args.out}/results.md and results.json; per-sample predictions in {args.out}/<bench>/", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

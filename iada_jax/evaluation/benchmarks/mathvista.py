@@ -1,0 +1,221 @@
+"""MathVista (testmini, 1000 problems): mathematical reasoning over charts, plots, figures.
+
+Mirrors lmms-eval `tasks/mathvista/` (`mathvista_evals.py` `MathVistaEvaluator`):
+- prompt: the data set's `query` column (question, choices and the answer-format hint);
+- extraction (`extract_answer`): the response as-is when it equals a choice, or parses as an
+  int / float for those answer types. lmms-eval then asks a GPT extractor (DEMO_PROMPT),
+  which returns "" without an API key; here a local rule-based extractor stands in
+  (`offline_extract`: option letter, "the answer is X", the last number);
+- normalisation (`normalize_extracted_answer`): multiple choice letter -> choice text, else
+  the Levenshtein-nearest choice; integer `int(float(x))`; float `round(x, precision)`;
+- correct when `str(prediction).strip() == str(answer).strip()` (`safe_equal`); accuracy in %.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+from iada_jax.evaluation.benchmark import Sample, to_image
+from iada_jax.evaluation.benchmarks import mcq
+
+NAME = "mathvista"
+TITLE = "MathVista"
+GROUP = "reasoning"
+DATASET = "AI4Math/MathVista"
+SPLIT = "testmini"
+MAX_NEW_TOKENS = 1024  # mathvista_testmini.yaml generation_kwargs
+
+MULTI_CHOICE = "multi_choice"
+
+
+# ----------------------------------------------------------------------------- loading
+def _sample(row: dict, where: str) -> Sample:
+    question_type = mcq.field(row, "question_type", where, DATASET)
+    answer_type = mcq.field(row, "answer_type", where, DATASET)
+    choices = mcq.field(row, "choices", where, DATASET, required=question_type == MULTI_CHOICE)
+    precision = mcq.field(row, "precision", where, DATASET, required=answer_type == "float")
+    image = to_image(mcq.field(row, "decoded_image", where, DATASET), f"{where} decoded_image")
+    return Sample(
+        id=str(mcq.field(row, "pid", where, DATASET)), prompt=mcq.field(row, "query", where, DATASET), images=[image],
+        target=str(mcq.field(row, "answer", where, DATASET)),
+        options=mcq.letters_for(choices, where) if question_type == MULTI_CHOICE else None,
+        meta={"question_type": question_type, "answer_type": answer_type,
+              "choices": list(choices) if choices is not None else [], "precision": precision})
+
+
+def load(source: str, limit: int | None = None) -> list[Sample]:
+    return [_sample(row, where) for where, row in mcq.read_rows(source, SPLIT, limit)]
+
+
+# ----------------------------------------------------------------------------- extraction
+_LETTER_ALONE = re.compile(r"^\(?([A-Z])\)?[.:)]?$")  # "B", "(B)", "B.", "B)"
+_LETTER_LABEL = re.compile(r"^\(?([A-Z])[.:)]\s")  # "B. 8/11", "(B) 8/11"
+# The phrase in any case, the letter a capital: "the answer is a cat" names no option.
+_LETTER_PHRASE = re.compile(r"(?i:answer|option|choice)\s*(?i:is|:)\s*:?\s*\(?([A-Z])\)?(?![A-Za-z])")
+_ANSWER_IS = re.compile(r"answer\s*(?:is|:)\s*:?\s*([^\n]+)", re.IGNORECASE)
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?|-?\.\d+")
+
+
+def quick_extract(response: str, meta: dict) -> str | None:
+    """lmms-eval `extract_answer` before its GPT call: a choice text verbatim, or the whole
+    response when it parses as the answer type; None when the extractor would be asked."""
+    if meta["question_type"] == MULTI_CHOICE and response in meta["choices"]:
+        return response
+    for kind, parse in (("integer", int), ("float", float)):
+        if meta["answer_type"] == kind:
+            try:
+                return str(parse(response))
+            except ValueError:
+                pass
+    return None
+
+
+def _option_letter(response: str, letters: tuple[str, ...]) -> str:
+    """A letter the response clearly answers with: alone, as a leading label, or after
+    "answer is" / "option:" (the letter-answer examples of DEMO_PROMPT)."""
+    text = response.strip()
+    for pattern in (_LETTER_ALONE, _LETTER_LABEL):
+        match = pattern.match(text)
+        if match and match.group(1) in letters:
+            return match.group(1)
+    matches = [m.group(1) for m in _LETTER_PHRASE.finditer(response)]
+    if matches and matches[-1] in letters:
+        return matches[-1]
+    return ""
+
+
+def offline_extract(response: str, meta: dict) -> str:
+    """Stands in for the GPT extractor. In order: an option letter (multiple choice; the
+    normalisation maps it to its text); the text after the last "the answer is" / "answer:";
+    for integer and float answers, the last number in that text (or in the whole response)."""
+    if meta["question_type"] == MULTI_CHOICE:
+        letter = _option_letter(response, mcq.option_letters(len(meta["choices"])))
+        if letter:
+            return letter
+    phrases = _ANSWER_IS.findall(response)
+    tail = phrases[-1].strip().rstrip(".") if phrases else response
+    if meta["answer_type"] in ("integer", "float"):
+        numbers = _NUMBER.findall(tail.replace(",", "")) or _NUMBER.findall(response.replace(",", ""))
+        return numbers[-1] if numbers else ""
+    return tail
+
+
+def extract_answer(response: str, meta: dict) -> str:
+    """lmms-eval `extract_answer` with `offline_extract` in place of the GPT call."""
+    if not response:
+        return ""
+    quick = quick_extract(response, meta)
+    return quick if quick is not None else offline_extract(response, meta)
+
+
+# ----------------------------------------------------------------------------- normalisation
+def levenshtein(a: str, b: str) -> int:
+    """Edit distance (insertions, deletions, substitutions), as `Levenshtein.distance`."""
+    previous = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        current = [i]
+        for j, cb in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
+        previous = current
+    return previous[-1]
+
+
+def normalize_extracted_answer(extraction: str, meta: dict) -> str | None:
+    """lmms-eval `normalize_extracted_answer`; None means "could not be read" (always wrong)."""
+    if meta["question_type"] == MULTI_CHOICE:
+        choices = meta["choices"]
+        extraction = str(extraction).strip()
+        bracketed = re.findall(r"\(([a-zA-Z])\)", extraction)  # "(A) text" -> "A"
+        if bracketed:
+            extraction = bracketed[0].upper()
+        letters = mcq.option_letters(len(choices))
+        if extraction in letters:
+            return choices[letters.index(extraction)]
+        distances = [levenshtein(extraction, choice) for choice in choices]
+        return choices[distances.index(min(distances))]  # the first of equally near choices
+    try:
+        if meta["answer_type"] == "integer":
+            return str(int(float(extraction)))
+        if meta["answer_type"] == "float":
+            # MathVista's own scorer uses int(precision); the HF column holds floats (1.0, 2.0).
+            precision = meta["precision"]
+            return str(round(float(extraction), None if precision is None else int(precision)))
+    except (TypeError, ValueError):
+        return None
+    return str(extraction)  # text and list answers compare as strings
+
+
+# ----------------------------------------------------------------------------- scoring
+def score(samples: list[Sample], predictions: list[str]) -> dict:
+    """Accuracy (%), overall and per question type / answer type."""
+    mcq.check_predictions(NAME, samples, predictions)
+    groups: dict[str, list[int]] = {}
+    for sample, prediction in zip(samples, predictions):
+        normalised = normalize_extracted_answer(extract_answer(prediction.strip(), sample.meta), sample.meta)
+        correct = int(str(normalised).strip() == str(sample.target).strip())
+        for key in ("all", sample.meta["question_type"], sample.meta["answer_type"]):
+            groups.setdefault(key, []).append(correct)
+    hits = sum(groups.get("all", []))
+    out = {"score": mcq.percent(hits, len(samples)), "correct": hits, "total": len(samples)}
+    out.update({key: mcq.percent(sum(v), len(v)) for key, v in groups.items() if key != "all"})
+    return out
+
+
+# ----------------------------------------------------------------------------- fixture
+_HINTS = {
+    "text": "Please answer the question and provide the correct option letter, e.g., A, B, C, D, at the end.",
+    "integer": "Please answer the question requiring an integer answer and provide the final value, "
+               "e.g., 1, 2, 3, at the end.",
+    "float": "Please answer the question requiring a floating-point number with one decimal place and "
+             "provide the final value, e.g., 1.2, 1.3, 1.4, at the end.",
+}
+
+
+def _query(answer_type: str, question: str, choices: list[str] | None) -> str:
+    """The `query` column as MathVista builds it: hint, question, then "(A) ..." choices."""
+    query = f"Hint: {_HINTS[answer_type]}\nQuestion: {question}"
+    if choices:
+        query += "\nChoices:\n" + "\n".join(f"({letter}) {c}" for letter, c in zip("ABCDEFGH", choices))
+    return query
+
+
+def write_fixture(folder: str, num: int = 8, seed: int = 0) -> str:
+    """multi_choice (colour), free_form integer (pixel width / 8) and float (aspect ratio,
+    one decimal) rows in turn, in the AI4Math/MathVista schema."""
+    import datasets
+
+    rng = random.Random(seed)
+    colours = ["red", "green", "blue", "yellow"]
+    keys = ("pid", "question", "image", "decoded_image", "choices", "unit", "precision", "answer",
+            "question_type", "answer_type", "metadata", "query")
+    cols: dict[str, list] = {k: [] for k in keys}
+    for i in range(num):
+        colour, image = mcq.fixture_image(rng, colours)
+        answer_type = ("text", "integer", "float")[i % 3]
+        if answer_type == "text":
+            question, choices, answer, precision = "What colour is the image?", colours, colour, None
+        elif answer_type == "integer":
+            question, choices, answer, precision = "How wide is the image, in units of 8 pixels?", None, \
+                str(image.width // 8), None
+        else:
+            question, choices, precision = "What is the width of the image divided by its height?", None, 1.0
+            answer = str(round(image.width / image.height, 1))
+        pid = str(i + 1)
+        row = {"pid": pid, "question": question, "image": f"images/{pid}.jpg", "decoded_image": image,
+               "choices": choices, "unit": None, "precision": precision, "answer": answer,
+               "question_type": MULTI_CHOICE if choices else "free_form", "answer_type": answer_type,
+               "metadata": {"category": "math-targeted-vqa", "context": "synthetic scene", "grade": "elementary school",
+                            "img_height": image.height, "img_width": image.width, "language": "english",
+                            "skills": ["arithmetic reasoning"], "source": "synthetic", "split": SPLIT,
+                            "task": "figure question answering"},
+               "query": _query(answer_type, question, choices)}
+        for key, value in row.items():
+            cols[key].append(value)
+    text, sequence = datasets.Value("string"), datasets.Sequence(datasets.Value("string"))
+    features = {k: text for k in keys}
+    metadata = {k: text for k in ("category", "context", "grade", "language", "source", "split", "task")}
+    metadata.update(img_height=datasets.Value("int64"), img_width=datasets.Value("int64"), skills=sequence)
+    features.update(decoded_image=datasets.Image(), choices=sequence, precision=datasets.Value("float64"),
+                    metadata=metadata)
+    return mcq.write_parquet(cols, features, folder, NAME)
