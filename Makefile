@@ -2,12 +2,13 @@
 #   make demo   the main job on the embedded default: train LoRA + IADA on a tiny model
 #               and synthetic data it builds itself (CPU, a few minutes)
 #   make test   the test suite (what CI runs)
+#   make eval   the paper's benchmark table on the embedded model and benchmark fixtures
 #   make parity our logits against transformers' on a tiny random model
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo parity test clean
+.PHONY: setup demo eval parity test clean
 
 setup: $(VENV)/.installed
 
@@ -21,6 +22,10 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	rm -rf runs/demo
 	$(PY) train.py --out runs/demo
+
+# The embedded model (+ the demo's adapters when `make demo` ran) on fixtures of the 11 benchmarks.
+eval: setup
+	$(PY) eval.py --out runs/eval $$(test -d runs/demo/final && echo --adapter runs/demo)
 
 parity: setup
 	$(PY) -m iada_jax.demo

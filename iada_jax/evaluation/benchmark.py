@@ -1,4 +1,4 @@
-"""What every benchmark file provides, and the shared plumbing (opening data sets, images).
+"""What every benchmark file provides, and the shared plumbing (reading rows, images, scoring checks).
 
 A benchmark is a module in `iada_jax/evaluation/benchmarks/` with:
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from PIL import Image
@@ -62,3 +63,43 @@ def to_image(item, where: str) -> Image.Image:
         return load_image(item)
     except BadRow as e:
         raise ValueError(f"{where}: {e}") from None
+
+
+def read_rows(source: str, split: str, limit: int | None = None, columns: Sequence[str] = (), schema: str = "",
+              config: str | None = None) -> list[tuple[str, dict]]:
+    """[(where, row)] for the first `limit` rows; `where` ("source row i") prefixes errors.
+
+    `columns`: names the rows must have, checked up front (the error names `schema`, e.g. "POPE").
+    `config`: the HF config to take when `source` is a data set name rather than a local file or
+    folder (`open_dataset` cannot pass one)."""
+    rows = open_dataset(source, split) if config is None or os.path.exists(source) else _open_config(source, config, split)
+    missing = [c for c in columns if c not in rows.column_names]
+    if missing:
+        raise ValueError(f"{source}: not the {schema} schema, missing columns {missing} (have {rows.column_names})")
+    if limit is not None:
+        rows = rows.select(range(min(limit, len(rows))))
+    return [(f"{source} row {i}", row) for i, row in enumerate(rows)]
+
+
+def _open_config(source: str, config: str, split: str):
+    import datasets
+
+    try:
+        return datasets.load_dataset(source, config, split=split)
+    except Exception as e:  # not cached, no such config, offline: the same to the user
+        raise ValueError(f"cannot open data set {source!r} (config {config!r}, split {split!r}): {e}") from None
+
+
+def check_predictions(name: str, samples: Sequence, predictions: Sequence, allow_empty: bool = True) -> None:
+    """Scores pair predictions with samples by position, so the counts must agree; with
+    `allow_empty=False`, there must also be something to score."""
+    if len(predictions) != len(samples):
+        raise ValueError(f"{name}: {len(predictions)} predictions for {len(samples)} samples; "
+                         "give exactly one prediction per sample, in the samples' order")
+    if not allow_empty and not samples:
+        raise ValueError(f"{name}: no samples to score")
+
+
+def percent(hits: float, total: int) -> float:
+    """100 * hits / total, or 0 for an empty total."""
+    return 100.0 * hits / total if total else 0.0

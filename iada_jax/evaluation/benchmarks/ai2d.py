@@ -14,7 +14,7 @@ import random
 import re
 import string
 
-from iada_jax.evaluation.benchmark import Sample, to_image
+from iada_jax.evaluation.benchmark import Sample, check_predictions, percent, read_rows, to_image
 from iada_jax.evaluation.benchmarks import mcq
 
 NAME = "ai2d"
@@ -46,7 +46,7 @@ def _sample(row: dict, where: str, index: int) -> Sample:
 
 
 def load(source: str, limit: int | None = None) -> list[Sample]:
-    return [_sample(row, where, i) for i, (where, row) in enumerate(mcq.read_rows(source, SPLIT, limit))]
+    return [_sample(row, where, i) for i, (where, row) in enumerate(read_rows(source, SPLIT, limit))]
 
 
 def filter_response(response: str) -> str:
@@ -61,9 +61,9 @@ def exact_match(prediction: str, reference: str) -> bool:
 
 
 def score(samples: list[Sample], predictions: list[str]) -> dict:
-    mcq.check_predictions(NAME, samples, predictions)
+    check_predictions(NAME, samples, predictions)
     hits = sum(exact_match(filter_response(p), s.target) for s, p in zip(samples, predictions))
-    return {"score": mcq.percent(hits, len(samples)), "correct": hits, "total": len(samples)}
+    return {"score": percent(hits, len(samples)), "correct": hits, "total": len(samples)}
 
 
 def write_fixture(folder: str, num: int = 8, seed: int = 0) -> str:

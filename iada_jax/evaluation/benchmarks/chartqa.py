@@ -14,7 +14,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from iada_jax.evaluation.benchmark import Sample, open_dataset, to_image
+from iada_jax.evaluation.benchmark import Sample, check_predictions, percent, read_rows, to_image
 
 NAME = "chartqa"
 TITLE = "ChartQA"
@@ -42,15 +42,8 @@ def format_prompt(question: str) -> str:
 
 
 def load(source: str, limit: int | None = None) -> list[Sample]:
-    ds = open_dataset(source, SPLIT)
-    missing = [c for c in COLUMNS if c not in ds.column_names]
-    if missing:
-        raise ValueError(f"{source}: not the ChartQA schema, missing columns {missing} (have {ds.column_names})")
-    if limit is not None:
-        ds = ds.select(range(min(limit, len(ds))))
     samples = []
-    for i, row in enumerate(ds):
-        where = f"{source}: row {i}"
+    for i, (where, row) in enumerate(read_rows(source, SPLIT, limit, columns=COLUMNS, schema=TITLE)):
         if not isinstance(row["answer"], str) or not isinstance(row["question"], str):
             raise ValueError(f"{where}: question and answer must be strings, got "
                              f"{type(row['question']).__name__} and {type(row['answer']).__name__}")
@@ -79,20 +72,17 @@ def relaxed_correctness(prediction: str, target: str, max_relative_change: float
 
 
 def score(samples: list[Sample], predictions: list[str]) -> dict:
-    if len(predictions) != len(samples):
-        raise ValueError(f"ChartQA: {len(predictions)} predictions for {len(samples)} samples")
-    if not samples:
-        raise ValueError("ChartQA: no samples to score")
+    check_predictions(TITLE, samples, predictions, allow_empty=False)
     right = [float(relaxed_correctness(p, s.target)) for s, p in zip(samples, predictions)]
     # lmms-eval `chartqa_process_results`: anything that is not human_test is the augmented split.
     human = [r for s, r in zip(samples, right) if s.meta["type"] == "human_test"]
     augmented = [r for s, r in zip(samples, right) if s.meta["type"] != "human_test"]
-    out = {"score": 100.0 * sum(right) / len(right)}
+    out = {"score": percent(sum(right), len(right))}
     out["relaxed_overall"] = out["score"]
     if human:  # a split with no samples has no score (lmms-eval leaves it out too)
-        out["relaxed_human_split"] = 100.0 * sum(human) / len(human)
+        out["relaxed_human_split"] = percent(sum(human), len(human))
     if augmented:
-        out["relaxed_augmented_split"] = 100.0 * sum(augmented) / len(augmented)
+        out["relaxed_augmented_split"] = percent(sum(augmented), len(augmented))
     return out
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import random
 import re
 
-from iada_jax.evaluation.benchmark import Sample, to_image
+from iada_jax.evaluation.benchmark import Sample, check_predictions, percent, read_rows, to_image
 from iada_jax.evaluation.benchmarks import mcq
 
 NAME = "mathvista"
@@ -45,7 +45,7 @@ def _sample(row: dict, where: str) -> Sample:
 
 
 def load(source: str, limit: int | None = None) -> list[Sample]:
-    return [_sample(row, where) for where, row in mcq.read_rows(source, SPLIT, limit)]
+    return [_sample(row, where) for where, row in read_rows(source, SPLIT, limit)]
 
 
 # ----------------------------------------------------------------------------- extraction
@@ -149,7 +149,7 @@ def normalize_extracted_answer(extraction: str, meta: dict) -> str | None:
 # ----------------------------------------------------------------------------- scoring
 def score(samples: list[Sample], predictions: list[str]) -> dict:
     """Accuracy (%), overall and per question type / answer type."""
-    mcq.check_predictions(NAME, samples, predictions)
+    check_predictions(NAME, samples, predictions)
     groups: dict[str, list[int]] = {}
     for sample, prediction in zip(samples, predictions):
         normalised = normalize_extracted_answer(extract_answer(prediction.strip(), sample.meta), sample.meta)
@@ -157,8 +157,8 @@ def score(samples: list[Sample], predictions: list[str]) -> dict:
         for key in ("all", sample.meta["question_type"], sample.meta["answer_type"]):
             groups.setdefault(key, []).append(correct)
     hits = sum(groups.get("all", []))
-    out = {"score": mcq.percent(hits, len(samples)), "correct": hits, "total": len(samples)}
-    out.update({key: mcq.percent(sum(v), len(v)) for key, v in groups.items() if key != "all"})
+    out = {"score": percent(hits, len(samples)), "correct": hits, "total": len(samples)}
+    out.update({key: percent(sum(v), len(v)) for key, v in groups.items() if key != "all"})
     return out
 
 

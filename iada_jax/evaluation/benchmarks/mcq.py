@@ -6,8 +6,9 @@
   fallback made reproducible by a caller-supplied `random.Random`.
 - `extract_mcq_answer`: lmms-eval's shared letter extractor
   (`_task_utils/mcq_extract.py`, the priority-ranked version used by MMStar and RealWorldQA).
-- Reading rows with errors that name the source and row, checking prediction counts, and
-  writing the tiny fixtures (solid-colour images, parquet in the real HF schema).
+- `field`: a row's cell with errors that name the source, row and schema, and writing the
+  tiny fixtures (solid-colour images, parquet in the real HF schema). Reading rows, checking
+  prediction counts and `percent` live in `iada_jax.evaluation.benchmark`.
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from PIL import Image
-
-from iada_jax.evaluation.benchmark import open_dataset
 
 DEFAULT_CHOICES = ("A", "B", "C", "D", "E", "F", "G", "H")  # extract_mcq_answer's default
 ABCD = ("A", "B", "C", "D")
@@ -160,26 +159,7 @@ def extract_mcq_answer(response: str, choices: Sequence[str] | None = None) -> s
     return max(found, key=lambda cand: (cand[0], cand[1]))[2]  # max keeps the first of ties, as the stable sort
 
 
-# ----------------------------------------------------------------------------- rows and scores
-def read_rows(source: str, split: str, limit: int | None, config: str | None = None) -> list[tuple[str, dict]]:
-    """[(where, row)] for the first `limit` rows; `where` ("source row i") prefixes errors.
-    `config` names the HF config to take when `source` is a data set name rather than a
-    local file or folder (`open_dataset` cannot pass one)."""
-    rows = open_dataset(source, split) if config is None or os.path.exists(source) else _open_config(source, config, split)
-    if limit is not None:
-        rows = rows.select(range(min(limit, len(rows))))
-    return [(f"{source} row {i}", row) for i, row in enumerate(rows)]
-
-
-def _open_config(source: str, config: str, split: str):
-    import datasets
-
-    try:
-        return datasets.load_dataset(source, config, split=split)
-    except Exception as e:  # not cached, no such config, offline: the same to the user
-        raise ValueError(f"cannot open data set {source!r} (config {config!r}, split {split!r}): {e}") from None
-
-
+# ----------------------------------------------------------------------------- rows
 def field(row: dict, name: str, where: str, dataset: str, required: bool = True) -> Any:
     """row[name], or an error that says which row lacks it and which schema was expected."""
     if name not in row:
@@ -187,17 +167,6 @@ def field(row: dict, name: str, where: str, dataset: str, required: bool = True)
     if required and row[name] is None:
         raise ValueError(f"{where}: column {name!r} is empty")
     return row[name]
-
-
-def check_predictions(name: str, samples: Sequence, predictions: Sequence) -> None:
-    """Scores pair predictions with samples by position, so the counts must agree."""
-    if len(predictions) != len(samples):
-        raise ValueError(f"{name}: {len(predictions)} predictions for {len(samples)} samples; "
-                         "give exactly one prediction per sample, in the samples' order")
-
-
-def percent(hits: float, total: int) -> float:
-    return 100.0 * hits / total if total else 0.0
 
 
 # ----------------------------------------------------------------------------- fixtures

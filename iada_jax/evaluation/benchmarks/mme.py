@@ -19,7 +19,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from iada_jax.evaluation.benchmark import Sample, open_dataset, to_image
+from iada_jax.evaluation.benchmark import Sample, check_predictions, read_rows, to_image
 
 NAME = "mme"
 TITLE = "MME"
@@ -64,15 +64,8 @@ def _gold(answer: str) -> str:
 
 
 def load(source: str, limit: int | None = None) -> list[Sample]:
-    ds = open_dataset(source, SPLIT)
-    missing = [c for c in COLUMNS if c not in ds.column_names]
-    if missing:
-        raise ValueError(f"{source}: not the MME schema, missing columns {missing} (have {ds.column_names})")
-    if limit is not None:
-        ds = ds.select(range(min(limit, len(ds))))
     samples, seen = [], collections.Counter()
-    for i, row in enumerate(ds):
-        where = f"{source}: row {i}"
+    for where, row in read_rows(source, SPLIT, limit, columns=COLUMNS, schema=TITLE):
         if _gold(row["answer"] or "") not in ("yes", "no"):
             raise ValueError(f"{where}: answer {row['answer']!r} is not Yes/No")
         if row["category"] not in PERCEPTION + COGNITION:
@@ -110,10 +103,7 @@ def _image_scores(correct: list[float]) -> tuple[float, float]:
 
 
 def score(samples: list[Sample], predictions: list[str]) -> dict:
-    if len(predictions) != len(samples):
-        raise ValueError(f"MME: {len(predictions)} predictions for {len(samples)} samples")
-    if not samples:
-        raise ValueError("MME: no samples to score")
+    check_predictions(TITLE, samples, predictions, allow_empty=False)
     by_category: dict[str, dict[str, list[float]]] = collections.defaultdict(lambda: collections.defaultdict(list))
     for s, p in zip(samples, predictions):
         right = float(parse_pred_ans(p) == _gold(s.target))

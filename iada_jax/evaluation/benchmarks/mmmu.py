@@ -15,7 +15,7 @@ import ast
 import random
 import re
 
-from iada_jax.evaluation.benchmark import Sample, to_image
+from iada_jax.evaluation.benchmark import Sample, check_predictions, percent, read_rows, to_image
 from iada_jax.evaluation.benchmarks import mcq
 
 NAME = "mmmu"
@@ -70,7 +70,7 @@ def _sample(row: dict, where: str) -> Sample:
 
 
 def load(source: str, limit: int | None = None) -> list[Sample]:
-    return [_sample(row, where) for where, row in mcq.read_rows(source, SPLIT, limit)]
+    return [_sample(row, where) for where, row in read_rows(source, SPLIT, limit)]
 
 
 # ----------------------------------------------------------------------------- open questions
@@ -143,7 +143,7 @@ def score(samples: list[Sample], predictions: list[str], seed: int = 0) -> dict:
     """Instance-level accuracy (%). The random fallback of the multiple-choice parser draws
     from a `random.Random` seeded with (seed, sample id): the same prediction always gets the
     same letter, whatever else is scored with it."""
-    mcq.check_predictions(NAME, samples, predictions)
+    check_predictions(NAME, samples, predictions)
     hits = {MULTIPLE_CHOICE: 0, "open": 0}
     counts = {MULTIPLE_CHOICE: 0, "open": 0}
     for sample, prediction in zip(samples, predictions):
@@ -157,9 +157,9 @@ def score(samples: list[Sample], predictions: list[str], seed: int = 0) -> dict:
         hits[kind] += int(correct)
         counts[kind] += 1
     total = sum(hits.values())
-    return {"score": mcq.percent(total, len(samples)), "correct": total, "total": len(samples),
-            "multiple_choice": mcq.percent(hits[MULTIPLE_CHOICE], counts[MULTIPLE_CHOICE]),
-            "open": mcq.percent(hits["open"], counts["open"])}
+    return {"score": percent(total, len(samples)), "correct": total, "total": len(samples),
+            "multiple_choice": percent(hits[MULTIPLE_CHOICE], counts[MULTIPLE_CHOICE]),
+            "open": percent(hits["open"], counts["open"])}
 
 
 # ----------------------------------------------------------------------------- fixture

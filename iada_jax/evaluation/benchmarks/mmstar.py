@@ -17,7 +17,7 @@ import re
 import string
 from collections import defaultdict
 
-from iada_jax.evaluation.benchmark import Sample, to_image
+from iada_jax.evaluation.benchmark import Sample, check_predictions, percent, read_rows, to_image
 from iada_jax.evaluation.benchmarks import mcq
 
 NAME = "mmstar"
@@ -53,23 +53,23 @@ def _sample(row: dict, where: str) -> Sample:
 
 
 def load(source: str, limit: int | None = None) -> list[Sample]:
-    return [_sample(row, where) for where, row in mcq.read_rows(source, SPLIT, limit)]
+    return [_sample(row, where) for where, row in read_rows(source, SPLIT, limit)]
 
 
 def score(samples: list[Sample], predictions: list[str]) -> dict:
     """{"score": mean of the l2-category accuracies, "plain": the plain mean, per core
     category (mean of its l2 categories), "l2/<name>": each l2 accuracy}, all in %."""
-    mcq.check_predictions(NAME, samples, predictions)
+    check_predictions(NAME, samples, predictions)
     by_l2: dict[str, list[int]] = defaultdict(list)
     l2_of: dict[str, set[str]] = defaultdict(set)
     for sample, prediction in zip(samples, predictions):
         letter = mcq.extract_mcq_answer(prediction, sample.options)
         by_l2[sample.meta["l2_category"]].append(int(letter == sample.target))
         l2_of[sample.meta["category"]].add(sample.meta["l2_category"])
-    l2_acc = {name: mcq.percent(sum(v), len(v)) for name, v in by_l2.items()}
+    l2_acc = {name: percent(sum(v), len(v)) for name, v in by_l2.items()}
     hits = sum(sum(v) for v in by_l2.values())
     out = {"score": sum(l2_acc.values()) / len(l2_acc) if l2_acc else 0.0,
-           "plain": mcq.percent(hits, len(samples)), "correct": hits, "total": len(samples)}
+           "plain": percent(hits, len(samples)), "correct": hits, "total": len(samples)}
     out.update({c: sum(l2_acc[n] for n in names) / len(names) for c, names in sorted(l2_of.items())})
     out.update({f"l2/{n}": acc for n, acc in sorted(l2_acc.items())})
     return out

@@ -23,7 +23,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from iada_jax.evaluation.benchmark import Sample, open_dataset, to_image
+from iada_jax.evaluation.benchmark import Sample, check_predictions, percent, read_rows, to_image
 
 NAME = "ocrbench"
 TITLE = "OCRBench"
@@ -67,15 +67,8 @@ def _answers(cell, where: str) -> list[str]:
 
 
 def load(source: str, limit: int | None = None) -> list[Sample]:
-    ds = open_dataset(source, SPLIT)
-    missing = [c for c in COLUMNS if c not in ds.column_names]
-    if missing:
-        raise ValueError(f"{source}: not the OCRBench schema, missing columns {missing} (have {ds.column_names})")
-    if limit is not None:
-        ds = ds.select(range(min(limit, len(ds))))
     samples = []
-    for i, row in enumerate(ds):
-        where = f"{source}: row {i}"
+    for i, (where, row) in enumerate(read_rows(source, SPLIT, limit, columns=COLUMNS, schema=TITLE)):
         if row["question_type"] not in QUESTION_TYPES:  # lmms-eval's aggregation would fail on it
             raise ValueError(f"{where}: unknown question_type {row['question_type']!r}; "
                              f"OCRBench has {list(QUESTION_TYPES)}")
@@ -103,10 +96,7 @@ def is_hit(prediction: str, answers: list[str], dataset: str) -> bool:
 
 
 def score(samples: list[Sample], predictions: list[str]) -> dict:
-    if len(predictions) != len(samples):
-        raise ValueError(f"OCRBench: {len(predictions)} predictions for {len(samples)} samples")
-    if not samples:
-        raise ValueError("OCRBench: no samples to score")
+    check_predictions(TITLE, samples, predictions, allow_empty=False)
     per_type: dict[str, dict[str, int]] = collections.defaultdict(lambda: {"hits": 0, "total": 0})
     for s, p in zip(samples, predictions):
         counts = per_type[s.meta["question_type"]]
@@ -114,7 +104,7 @@ def score(samples: list[Sample], predictions: list[str]) -> dict:
         counts["total"] += 1
     hits = sum(c["hits"] for c in per_type.values())
     return {
-        "score": 100.0 * hits / len(samples),
+        "score": percent(hits, len(samples)),
         "final_score": hits,
         "samples": len(samples),
         "text_recognition": sum(c["hits"] for t, c in per_type.items() if t in RECOGNITION),

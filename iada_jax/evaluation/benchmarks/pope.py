@@ -18,7 +18,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from iada_jax.evaluation.benchmark import Sample, open_dataset, to_image
+from iada_jax.evaluation.benchmark import Sample, check_predictions, read_rows, to_image
 
 NAME = "pope"
 TITLE = "POPE"
@@ -52,15 +52,8 @@ def format_prompt(question: str) -> str:
 
 
 def load(source: str, limit: int | None = None) -> list[Sample]:
-    ds = open_dataset(source, SPLIT)
-    missing = [c for c in COLUMNS if c not in ds.column_names]
-    if missing:
-        raise ValueError(f"{source}: not the POPE schema, missing columns {missing} (have {ds.column_names})")
-    if limit is not None:
-        ds = ds.select(range(min(limit, len(ds))))
     samples = []
-    for i, row in enumerate(ds):
-        where = f"{source}: row {i}"
+    for where, row in read_rows(source, SPLIT, limit, columns=COLUMNS, schema=TITLE):
         gold = (row["answer"] or "").lower().strip()
         if gold not in ("yes", "no"):  # lmms-eval asserts this
             raise ValueError(f"{where}: answer {row['answer']!r} is not yes/no")
@@ -97,10 +90,7 @@ def metrics(preds: list[str], golds: list[str]) -> dict[str, float]:
 
 
 def score(samples: list[Sample], predictions: list[str]) -> dict:
-    if len(predictions) != len(samples):
-        raise ValueError(f"POPE: {len(predictions)} predictions for {len(samples)} samples")
-    if not samples:
-        raise ValueError("POPE: no samples to score")
+    check_predictions(TITLE, samples, predictions, allow_empty=False)
     preds = [p.lower().strip() for p in predictions]  # lmms-eval `pope_process_results`
     golds = [s.target.lower().strip() for s in samples]
     groups: dict[str, list[int]] = collections.defaultdict(list)

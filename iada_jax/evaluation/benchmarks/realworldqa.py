@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 
-from iada_jax.evaluation.benchmark import Sample, to_image
+from iada_jax.evaluation.benchmark import Sample, check_predictions, percent, read_rows, to_image
 from iada_jax.evaluation.benchmarks import mcq
 
 NAME = "realworldqa"
@@ -39,7 +39,7 @@ def _sample(row: dict, where: str, index: int) -> Sample:
 
 
 def load(source: str, limit: int | None = None) -> list[Sample]:
-    return [_sample(row, where, i) for i, (where, row) in enumerate(mcq.read_rows(source, SPLIT, limit))]
+    return [_sample(row, where, i) for i, (where, row) in enumerate(read_rows(source, SPLIT, limit))]
 
 
 def is_correct(prediction: str, gold: str, letters: tuple[str, ...] | None) -> bool:
@@ -49,9 +49,9 @@ def is_correct(prediction: str, gold: str, letters: tuple[str, ...] | None) -> b
 
 
 def score(samples: list[Sample], predictions: list[str]) -> dict:
-    mcq.check_predictions(NAME, samples, predictions)
+    check_predictions(NAME, samples, predictions)
     hits = sum(is_correct(p, s.target, s.options) for s, p in zip(samples, predictions))
-    return {"score": mcq.percent(hits, len(samples)), "correct": hits, "total": len(samples)}
+    return {"score": percent(hits, len(samples)), "correct": hits, "total": len(samples)}
 
 
 def write_fixture(folder: str, num: int = 8, seed: int = 0) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 
-from iada_jax.evaluation.benchmark import Sample, to_image
+from iada_jax.evaluation.benchmark import Sample, check_predictions, percent, read_rows, to_image
 from iada_jax.evaluation.benchmarks import mcq
 
 NAME = "scienceqa"
@@ -50,7 +50,7 @@ def _sample(row: dict, where: str, index: int) -> Sample:
 def load(source: str, limit: int | None = None) -> list[Sample]:
     """`source` is a file/folder holding the ScienceQA-IMG config, or a data set name, whose
     ScienceQA-IMG config is then loaded."""
-    rows = mcq.read_rows(source, SPLIT, limit, config=CONFIG)
+    rows = read_rows(source, SPLIT, limit, config=CONFIG)
     return [_sample(row, where, i) for i, (where, row) in enumerate(rows)]
 
 
@@ -62,9 +62,9 @@ def is_correct(prediction: str, letter: str) -> bool:
 
 
 def score(samples: list[Sample], predictions: list[str]) -> dict:
-    mcq.check_predictions(NAME, samples, predictions)
+    check_predictions(NAME, samples, predictions)
     hits = sum(is_correct(p, s.target) for s, p in zip(samples, predictions))
-    return {"score": mcq.percent(hits, len(samples)), "correct": hits, "total": len(samples)}
+    return {"score": percent(hits, len(samples)), "correct": hits, "total": len(samples)}
 
 
 def write_fixture(folder: str, num: int = 8, seed: int = 0) -> str:

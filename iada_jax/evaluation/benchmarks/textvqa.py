@@ -15,7 +15,7 @@ import re
 import numpy as np
 from PIL import Image
 
-from iada_jax.evaluation.benchmark import Sample, open_dataset, to_image
+from iada_jax.evaluation.benchmark import Sample, check_predictions, percent, read_rows, to_image
 
 NAME = "textvqa"
 TITLE = "TextVQA"
@@ -132,16 +132,9 @@ def format_prompt(question: str) -> str:
 
 
 def load(source: str, limit: int | None = None) -> list[Sample]:
-    ds = open_dataset(source, SPLIT)
     required = ("question_id", "question", "image", "answers")  # what the prompt and the score need
-    missing = [c for c in required if c not in ds.column_names]
-    if missing:
-        raise ValueError(f"{source}: not the TextVQA schema, missing columns {missing} (have {ds.column_names})")
-    if limit is not None:
-        ds = ds.select(range(min(limit, len(ds))))
     samples = []
-    for i, row in enumerate(ds):
-        where = f"{source}: row {i}"
+    for where, row in read_rows(source, SPLIT, limit, columns=required, schema=TITLE):
         answers = row["answers"]
         if not answers or not all(isinstance(a, str) for a in answers):
             raise ValueError(f"{where}: answers must be a non-empty list of strings, got {answers!r}")
@@ -152,12 +145,10 @@ def load(source: str, limit: int | None = None) -> list[Sample]:
 
 
 def score(samples: list[Sample], predictions: list[str]) -> dict:
-    if len(predictions) != len(samples):
-        raise ValueError(f"TextVQA: {len(predictions)} predictions for {len(samples)} samples")
-    if not samples:
-        raise ValueError("TextVQA: no samples to score")
+    check_predictions(TITLE, samples, predictions, allow_empty=False)
     accs = [vqa_accuracy(p, s.target) for s, p in zip(samples, predictions)]
-    return {"score": 100.0 * sum(accs) / len(accs), "exact_match": 100.0 * sum(accs) / len(accs)}
+    accuracy = percent(sum(accs), len(accs))
+    return {"score": accuracy, "exact_match": accuracy}
 
 
 def write_fixture(folder: str, num: int = 8, seed: int = 0) -> str:
