@@ -1,0 +1,54 @@
+"""bench/ (not tests of speed): the harness runs end to end at tiny dimensions on CPU, its FLOP
+formula is the documented one, and the HLO counters read what they claim to."""
+
+from __future__ import annotations
+
+import json
+
+from bench import hlo_report, train_step
+from iada_jax.config import Qwen3VLConfig
+
+
+def test_flop_formula_matches_the_documented_one():
+    cfg = Qwen3VLConfig.qwen3_vl_2b()
+    case = train_step.Case(exp="B_lora", seq=2048, images=0, batch=2)
+    d, q, kv, i, L, V = 2048, 16 * 128, 8 * 128, 6144, 28, 151936
+    p_text = L * (d * (q + 2 * kv) + q * d + 3 * d * i) + V * d
+    tokens = 2 * 2048
+    f_text = 2 * p_text * tokens + 4 * L * 2 * 2048**2 * q
+    assert train_step.step_flops(cfg, case, adapter_params=1000) == 2 * f_text + 4 * 1000 * tokens
+    with_image = train_step.step_flops(cfg, train_step.Case("B_lora", 2048, 1, 2), adapter_params=1000)
+    assert with_image > 2 * f_text + 4 * 1000 * tokens  # the frozen vision tower's forward is counted
+
+
+def test_harness_runs_both_stacks_at_tiny_dimensions(tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    assert train_step.main(["--tiny", "--seq", "64", "--images", "0,1", "--exp", "B_lora,D_iada_lora", "--steps", "1",
+                            "--warmup", "0", "--dtype", "float32", "--remat", "full", "--block-size", "2", "--torch",
+                            "--out", str(out)]) == 0
+    report = json.load(open(out))
+    stacks = [(r["stack"], r["exp"], r["images"]) for r in report["rows"]]
+    assert stacks == [("jax", "B_lora", 0), ("torch", "B_lora", 0), ("jax", "B_lora", 1), ("torch", "B_lora", 1),
+                      ("jax", "D_iada_lora", 0), ("jax", "D_iada_lora", 1)]
+    assert all(r["step_s"] > 0 and r["tokens_per_s"] > 0 and r["mfu"] is None for r in report["rows"])
+    assert report["rows"][4]["adapter_params"] > report["rows"][0]["adapter_params"]  # IADA's parameters
+    printed = capsys.readouterr().out
+    assert "jax / torch tokens/s" in printed and "step time over B_lora" in printed and "FLOPs:" in printed
+
+
+def test_hlo_counters():
+    hlo = "\n".join([
+        "  %p0 = bf16[4,8]{1,0} parameter(0)",
+        "  %p1 = bf16[8,2]{1,0} parameter(1)",
+        "  %c = f32[4,8]{1,0} convert(%p0)",
+        "  %d = f32[4,2]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}",
+        "  ROOT %t = f32[2,4]{1,0} transpose(%d), dimensions={1,0}",
+    ])
+    report = hlo_report.inspect(hlo)
+    assert report["dots"] == {("f32", ("bf16", "bf16"), "4,2"): 1}
+    assert report["f32_results_of_bf16_products"] == 1
+    assert report["converts"] == {("bf16", "f32"): 32}
+    assert (report["transposes"], report["transpose_elements"]) == (1, 8)
+    stable = ("%0 = stablehlo.dot_general %a, %b, contracting_dims = [1] x [0] : "
+              "(tensor<4x8xbf16>, tensor<8x2xbf16>) -> tensor<4x2xf32>")
+    assert hlo_report.requested_products(stable) == {"bf16 x bf16 -> f32": 1}
