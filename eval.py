@@ -91,7 +91,6 @@ def _evaluate(args) -> int:
     from iada_jax.evaluation.benchmarks import PAPER, get_benchmark
     from iada_jax.evaluation.runner import EvalConfig, Evaluator
     from iada_jax.evaluation.table import markdown, write_results
-    from iada_jax.pretrained import _default_block_size
 
     log = lambda *a: print(*a, file=sys.stderr)  # noqa: E731
     names = list(PAPER) if args.bench == "paper" else [n.strip() for n in args.bench.split(",") if n.strip()]
@@ -105,12 +104,9 @@ def _evaluate(args) -> int:
     if args.adapter:
         trained = load_adapters(args.adapter, args.step)
         lora, iada, variables = trained.lora, trained.iada, trained.variables
-    with open(os.path.join(model_dir, "config.json")) as f:
-        import json
-
-        layers = iada_jax.Qwen3VLConfig.from_hf_config(json.load(f)).text.num_hidden_layers
-    block = iada.block_size if iada is not None else _default_block_size(layers)
-    model = iada_jax.load_pretrained(model_dir, dtype=dtype, fwd=ForwardConfig(block_size=block, dtype=dtype))
+    # IADA fixes the block size; otherwise load_pretrained picks the default for the depth.
+    fwd = None if iada is None else ForwardConfig(block_size=iada.block_size, dtype=dtype)
+    model = iada_jax.load_pretrained(model_dir, dtype=dtype, fwd=fwd)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     cfg = EvalConfig(batch_size=args.batch_size, mode=args.mode, max_length=args.max_length,
                      max_new_tokens=args.max_new_tokens, limit=args.limit)

@@ -68,34 +68,14 @@ def requested_products(stablehlo: str) -> collections.Counter:
     return out
 
 
-def compiled_step_text(args) -> str:
+def compiled_step_text(args) -> tuple[str, str]:
+    """(StableHLO as lowered, optimised HLO) of bench/train_step.py's step."""
     import jax
-    import jax.numpy as jnp
 
-    from bench.train_step import Case, model_config, random_params, synthetic_examples
-    from iada_jax.config import ForwardConfig
-    from iada_jax.data.loader import collate
-    from iada_jax.experiments import get_experiment
-    from iada_jax.model.qwen3_vl import forward, init_adapters
-    from iada_jax.training import OptimizerConfig, init_train_state, make_optimizer, train_step
+    from bench.train_step import Case, build_jax_step, model_config
 
-    cfg = model_config(args.tiny)
     case = Case(exp=args.exp, seq=args.seq, images=args.images, batch=args.batch)
-    exp = get_experiment(args.exp, args.block_size)
-    fwd = ForwardConfig(block_size=args.block_size, remat=args.remat, attention="xla", dtype=args.dtype)
-    params = random_params(cfg, args.dtype)
-    batch = jax.tree.map(jnp.asarray, collate(synthetic_examples(cfg, case, args.tiny), case.seq, cfg, case.images))
-    trainable = init_adapters(jax.random.PRNGKey(0), params, cfg=cfg, fwd=fwd, lora=exp.lora, iada=exp.iada)
-    trainable = jax.tree.map(lambda x: x.astype(jnp.float32), trainable)
-    tx = make_optimizer(OptimizerConfig(), 1000)
-    frozen = {"params": params}
-    state = init_train_state(trainable, frozen, tx)
-
-    def forward_fn(frozen, batch, adapters, rng):
-        return forward(frozen["params"], batch, cfg=cfg, fwd=fwd, lora=exp.lora, iada=exp.iada, adapters=adapters)[0]
-
-    step = jax.jit(lambda s, f, b, k: train_step(s, f, b, k, forward_fn=forward_fn, tx=tx, accum_steps=1,
-                                                 dropout=False, max_grad_norm=1.0), donate_argnums=0)
+    step, state, frozen, batch, _ = build_jax_step(model_config(args.tiny), case, args)
     lowered = step.lower(state, frozen, batch, jax.random.PRNGKey(1))
     return lowered.as_text(), lowered.compile().as_text()
 
@@ -110,6 +90,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--remat", default="full")
+    ap.add_argument("--attention", default="xla", choices=["xla", "cudnn"])
     ap.add_argument("--block-size", type=int, default=4)
     ap.add_argument("--dump", help="also write the optimised HLO text here")
     args = ap.parse_args(argv)

@@ -136,7 +136,9 @@ def _device_memory():
     return None if peak is None else peak / 2**30
 
 
-def measure_jax(cfg, case: Case, args) -> dict:
+def build_jax_step(cfg, case: Case, args):
+    """The jitted training step on random weights and a synthetic batch, as train.py runs it:
+    (step, state, frozen, batch, adapter parameter count). Used by hlo_report.py too."""
     import jax
     import jax.numpy as jnp
 
@@ -164,6 +166,13 @@ def measure_jax(cfg, case: Case, args) -> dict:
 
     step = jax.jit(lambda s, f, b, k: train_step(s, f, b, k, forward_fn=forward_fn, tx=tx, accum_steps=1,
                                                  dropout=False, max_grad_norm=1.0), donate_argnums=0)
+    return step, state, frozen, batch, adapter_params
+
+
+def measure_jax(cfg, case: Case, args) -> dict:
+    import jax
+
+    step, state, frozen, batch, adapter_params = build_jax_step(cfg, case, args)
     key = jax.random.PRNGKey(1)
     t0 = time.perf_counter()
     state, metrics = step(state, frozen, batch, key)

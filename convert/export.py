@@ -50,10 +50,6 @@ class ExportError(ValueError):
     pass
 
 
-def _atomic_folder(out_dir: str, write) -> str:
-    return write_folder_atomically(out_dir, write, ExportError)
-
-
 def _base_config(model_dir: str) -> tuple[dict, Qwen3VLConfig]:
     path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(path):
@@ -139,7 +135,7 @@ def export_peft(run_dir: str, out_dir: str, step: int | None = None, model: str 
         with open(os.path.join(folder, "README.md"), "w") as f:
             f.write(_readme(adapters, model_dir, merged=False))
 
-    return _atomic_folder(out_dir, write)
+    return write_folder_atomically(out_dir, write, ExportError)
 
 
 def merge_lora(params: dict, lora_vars: dict, lora) -> dict:
@@ -198,7 +194,7 @@ def export_merged(run_dir: str, out_dir: str, step: int | None = None, model: st
     target = param_dtype(dtype) if dtype else base_dtype
     if adapters.lora is not None:
         params = merge_lora(params, adapters.variables["lora"], adapters.lora)
-    dtype_name = {np.dtype(np.float32): "float32"}.get(np.dtype(target), "bfloat16")
+    dtype_name = "float32" if np.dtype(target) == np.float32 else "bfloat16"
     hf_config = dict(hf_config, dtype=dtype_name)
     if "torch_dtype" in hf_config:
         hf_config["torch_dtype"] = dtype_name
@@ -215,7 +211,7 @@ def export_merged(run_dir: str, out_dir: str, step: int | None = None, model: st
         if verbose:
             print(f"wrote {len(shards)} weight file(s), {dtype_name}", file=sys.stderr)
 
-    return _atomic_folder(out_dir, write)
+    return write_folder_atomically(out_dir, write, ExportError)
 
 
 __all__ = ["AdapterError", "ExportError", "export_merged", "export_peft", "merge_lora", "write_hf_weights"]

@@ -180,11 +180,6 @@ def iada_config_json(iada: IadaConfig, cfg: Qwen3VLConfig) -> dict:
 def flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
     """{"query_visual": {"down_kernel": x}} -> {"query_visual.down_kernel": x} (the PyTorch
     module's state_dict names)."""
-    out = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, name + "."))
-        else:
-            out[name] = np.ascontiguousarray(np.asarray(value, np.float32))
-    return out
+    from flax.traverse_util import flatten_dict
+
+    return {prefix + k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in flatten_dict(tree, sep=".").items()}

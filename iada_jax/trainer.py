@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from iada_jax.checkpoint import RunCheckpoints, save_params
-from iada_jax.config import ForwardConfig, LoraConfig
+from iada_jax.config import ForwardConfig
 from iada_jax.data.image_processing import ImageProcessorConfig
 from iada_jax.data.loader import DataConfig, SFTData
 from iada_jax.experiments import get_experiment

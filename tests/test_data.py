@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import iada_jax
 from iada_jax.data.image_processing import ImageProcessorConfig
 from iada_jax.data.loader import DataConfig, SFTData, collate
 from iada_jax.data.sft import BadRow, build_example

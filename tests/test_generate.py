@@ -85,10 +85,8 @@ def test_iada_cached_vectors_equal_recomputing_the_full_forward(tiny, name):
     kw = dict(config=cfg, lora=exp.lora, iada=exp.iada, adapters=adapters, return_logits=True)
     tokens, logits = generate(model, ids, mask, pv, grid, **kw)
     ref_tokens, ref_logits = generate(model, ids, mask, pv, grid, recompute=True, **kw)
-    base_tokens = generate(model, ids, mask, pv, grid, config=cfg)
     np.testing.assert_array_equal(tokens, ref_tokens)
     assert np.abs(logits - ref_logits).max() < 1e-4
-    assert (tokens != base_tokens).any() or np.abs(logits).max() > 0  # adapters are live (logits checked below)
     plain = generate(model, ids, mask, pv, grid, config=cfg, return_logits=True)[1]
     assert np.abs(plain[:, 0] - logits[:, 0]).max() > 1e-2
 

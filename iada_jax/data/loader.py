@@ -51,7 +51,8 @@ class DataConfig:
         return tuple(out) + (self.max_length,)
 
 
-def _next_pow2(n: int, minimum: int) -> int:
+def next_pow2(n: int, minimum: int) -> int:
+    """The smallest minimum * 2^k >= n: a shape bucket."""
     p = minimum
     while p < n:
         p *= 2
@@ -192,8 +193,8 @@ def collate(examples: list[Example], length: int, cfg: Qwen3VLConfig, max_frames
         pixels = np.concatenate([ex.pixel_values for ex in examples if ex.pixel_values is not None])
         vis = build_vision_inputs(pixels, grid, cfg.vision)
         merge2 = cfg.vision.spatial_merge_size**2
-        n_patches = _next_pow2(pixels.shape[0], 16 * merge2)
-        frame_len = _next_pow2(vis.frame_gather.shape[1], merge2)
+        n_patches = next_pow2(pixels.shape[0], 16 * merge2)
+        frame_len = next_pow2(vis.frame_gather.shape[1], merge2)
         vision = pad_vision_inputs(vis, n_patches, max_frames + n_patches // frame_len, frame_len)
         placeholders = np.flatnonzero((ids == cfg.image_token_id) & (mask == 1))
         visual_index = pad_visual_index(placeholders, n_patches // merge2, b * length)

@@ -18,11 +18,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from iada_jax.data.loader import collate
+from iada_jax.data.loader import collate, next_pow2
 from iada_jax.data.sft import BadRow, Example, build_example
 from iada_jax.evaluation.benchmark import Sample
 from iada_jax.evaluation.generate import GenerationConfig, generate_batch
 from iada_jax.model.qwen3_vl import forward
+from iada_jax.training import next_token_logprobs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,21 +36,11 @@ class EvalConfig:
     limit: int | None = None
 
 
-def _bucket(n: int, smallest: int = 32) -> int:
-    size = smallest
-    while size < n:
-        size *= 2
-    return size
-
-
 @functools.partial(jax.jit, static_argnames=("cfg", "fwd", "lora", "iada"))
 def _option_logprobs(params, adapters, batch, *, cfg, fwd, lora, iada):
     """Sum of log p(token) over each row's loss_mask tokens (the option), [B]."""
     logits, _ = forward(params, batch, cfg=cfg, fwd=fwd, lora=lora, iada=iada, adapters=adapters)
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    target = batch.input_ids[:, 1:]
-    picked = jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]
-    return (picked * batch.loss_mask[:, 1:]).sum(-1)
+    return (next_token_logprobs(logits, batch.input_ids) * batch.loss_mask[:, 1:]).sum(-1)
 
 
 class Evaluator:
@@ -84,9 +75,9 @@ class Evaluator:
         return dataclasses.replace(ex, input_ids=ex.input_ids[:n], loss_mask=np.zeros(n, np.int32))
 
     def _batch(self, examples: list[Example], side: str):
-        length = _bucket(max(len(e.input_ids) for e in examples))
+        length = next_pow2(max(len(e.input_ids) for e in examples), 32)
         frames = sum(0 if e.image_grid_thw is None else len(e.image_grid_thw) for e in examples)
-        return collate(examples, length, self.model.config, _bucket(max(frames, 1), 1), side=side)
+        return collate(examples, length, self.model.config, next_pow2(frames, 1), side=side)
 
     # ------------------------------------------------------------------ answers
     def _bar(self, total: int, desc: str):
