@@ -17,7 +17,7 @@ import argparse
 import dataclasses
 import sys
 
-from iada_jax.trainer import TrainConfig, TrainingError, fit
+from iada_jax.train.loop import TrainConfig, TrainingError, fit
 
 
 HELP = {

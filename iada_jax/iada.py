@@ -323,3 +323,18 @@ class DepthAggregation(nn.Module):
         w = _iada_var(self, "gate_kernel", zeros((len(streams), self.hidden_size)))
         bias = _iada_var(self, "gate_bias", zeros((len(streams),)))
         return [jnp.tanh(contexts[m] @ w[i] + bias[i]) for i, m in enumerate(streams)]
+
+
+def init_iada_variables(key: Array, cfg: IadaConfig, hidden_size: int, num_heads: int, num_layers: int,
+                        eps: float = 1e-6) -> dict:
+    """Fresh IADA variables (the `iada` collection, shared by all boundaries): the operator
+    alone is initialised on a 2-token input, so no decoder layer is traced for it."""
+    num_blocks = num_layers // cfg.block_size
+    module = DepthAggregation(cfg, hidden_size, num_heads, num_blocks, eps)
+    h = jnp.zeros((1, 2, hidden_size), jnp.float32)
+    buffer = jnp.zeros((num_blocks + 1, 1, 2, hidden_size), jnp.float32)
+    every = jnp.ones((1, 2), bool)
+    masks = TokenMasks(valid=every, visual=jnp.asarray([[True, False]]), prompt=every)
+    _, new = module.apply({}, h, buffer, jnp.zeros((), jnp.int32), masks, rngs={COLLECTION: key},
+                          mutable=[COLLECTION])
+    return new[COLLECTION]

@@ -16,11 +16,13 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from iada_jax.config import LoraConfig
+from iada_jax.config import LORA_ALL_LINEAR, LoraConfig
 
 Array = jax.Array
 
 COLLECTION = "lora"
+# A fixed number per module name, so each module's random A does not depend on which others are adapted.
+LORA_MODULE_IDS = {name: i for i, name in enumerate(LORA_ALL_LINEAR)}
 
 
 def init_lora_a(key: Array, shape: tuple[int, int], cfg: LoraConfig) -> Array:
@@ -31,6 +33,24 @@ def init_lora_a(key: Array, shape: tuple[int, int], cfg: LoraConfig) -> Array:
         return jax.random.normal(key, shape, jnp.float32) / r
     bound = 1.0 / math.sqrt(fan_in)
     return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+
+
+def init_lora_variables(key: Array, layers: dict, cfg: LoraConfig) -> dict:
+    """Fresh LoRA factors for the stacked decoder layers `layers` (checkpoint layout: every
+    Dense kernel [L, in, out]): for each targeted Dense, lora_A [L, in, r] drawn per layer as
+    PEFT does and lora_B [L, r, out] = 0, so a fresh adapter is the identity. Pure (works on
+    abstract shapes under `jax.eval_shape`); no forward pass is traced."""
+    out: dict = {}
+    for group in sorted(layers):
+        for name in sorted(layers[group]) if isinstance(layers[group], dict) else ():
+            module = layers[group][name]
+            if not (isinstance(module, dict) and "kernel" in module and cfg.targets(name)):
+                continue
+            n_layers, fan_in, features = module["kernel"].shape
+            keys = jax.random.split(jax.random.fold_in(key, LORA_MODULE_IDS[name]), n_layers)
+            a = jax.vmap(lambda k: init_lora_a(k, (fan_in, cfg.r), cfg))(keys)
+            out.setdefault(group, {})[name] = {"lora_A": a, "lora_B": jnp.zeros((n_layers, cfg.r, features), jnp.float32)}
+    return out
 
 
 def lora_delta(module: nn.Module, x: Array, features: int, cfg: LoraConfig, deterministic: bool) -> Array:

@@ -125,7 +125,7 @@ def test_padded_static_batch_gives_the_logits_of_the_unpadded_samples(embedded):
          "completion": [{"role": "assistant", "content": "1 2"}]},
     ]
     examples = [build_example(tok, r, image_cfg(), merge_size=2, max_length=256) for r in rows]
-    batch = collate(examples, 160, model.config, max_frames=4)
+    batch = collate(examples, 160, model.config, max_images=2)
     assert batch.vision.pixel_values.shape[0] == 512  # 256 + 192 patches -> bucket 512
     logits = np.asarray(forward(model.params, jax.tree.map(np.asarray, batch), cfg=model.config, fwd=model.fwd)[0])
     for b, ex in enumerate(examples):

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from iada_jax.experiments import EXPERIMENTS
-from iada_jax.metrics import read_metrics
-from iada_jax.trainer import TrainConfig, TrainingError, fit
+from iada_jax.train.metrics import read_metrics
+from iada_jax.train.loop import TrainConfig, TrainingError, fit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

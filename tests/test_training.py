@@ -10,13 +10,13 @@ import optax
 import pytest
 
 from iada_jax.data.batch import Batch
-from iada_jax.training import (
+from iada_jax.train.loss import next_token_loss
+from iada_jax.train.optimizer import (
     OptimizerConfig,
     apply_gradients,
     collection_labels,
     learning_rate_schedule,
     make_optimizer,
-    next_token_loss,
     split_trainable,
 )
 

@@ -128,7 +128,7 @@ class SFTData:
     def make_batch(self, length: int, rows: list[int], pool=None) -> Batch:
         mapper = pool.map if pool is not None else map
         examples = list(mapper(lambda i: self._example(i, with_pixels=True), rows))
-        return collate(examples, length, self.model_cfg, self.cfg.batch_size * self.cfg.max_images)
+        return collate(examples, length, self.model_cfg, self.cfg.max_images)
 
     def iterate(self, start: tuple[int, int] = (0, 0), epochs: int | None = None):
         """Yield ((epoch, batch), Batch) from `start`, built ahead in a background thread."""
@@ -172,9 +172,11 @@ class SFTData:
             stop.set()
 
 
-def collate(examples: list[Example], length: int, cfg: Qwen3VLConfig, max_frames: int, side: str = "right") -> Batch:
+def collate(examples: list[Example], length: int, cfg: Qwen3VLConfig, max_images: int = 1,
+            side: str = "right") -> Batch:
     """Pad to [B, length] (right, or left for generation); vision padded to a power-of-two
-    bucket of patches and frames."""
+    bucket of patches and to B * max_images frames (images, or video frames, per sample) plus
+    the padding frames."""
     b = len(examples)
     ids = np.zeros((b, length), np.int32)
     mask = np.zeros((b, length), np.int32)
@@ -195,7 +197,7 @@ def collate(examples: list[Example], length: int, cfg: Qwen3VLConfig, max_frames
         merge2 = cfg.vision.spatial_merge_size**2
         n_patches = next_pow2(pixels.shape[0], 16 * merge2)
         frame_len = next_pow2(vis.frame_gather.shape[1], merge2)
-        vision = pad_vision_inputs(vis, n_patches, max_frames + n_patches // frame_len, frame_len)
+        vision = pad_vision_inputs(vis, n_patches, b * max_images + n_patches // frame_len, frame_len)
         placeholders = np.flatnonzero((ids == cfg.image_token_id) & (mask == 1))
         visual_index = pad_visual_index(placeholders, n_patches // merge2, b * length)
     return Batch(input_ids=ids, attention_mask=mask, position_ids=np.asarray(positions, np.int32),

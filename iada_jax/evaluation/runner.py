@@ -23,7 +23,7 @@ from iada_jax.data.sft import BadRow, Example, build_example
 from iada_jax.evaluation.benchmark import Sample
 from iada_jax.evaluation.generate import GenerationConfig, generate_batch
 from iada_jax.model.qwen3_vl import forward
-from iada_jax.training import next_token_logprobs
+from iada_jax.train.loss import next_token_logprobs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +76,7 @@ class Evaluator:
 
     def _batch(self, examples: list[Example], side: str):
         length = next_pow2(max(len(e.input_ids) for e in examples), 32)
-        frames = sum(0 if e.image_grid_thw is None else len(e.image_grid_thw) for e in examples)
+        frames = max(0 if e.image_grid_thw is None else int(e.image_grid_thw[:, 0].sum()) for e in examples)
         return collate(examples, length, self.model.config, next_pow2(frames, 1), side=side)
 
     # ------------------------------------------------------------------ answers

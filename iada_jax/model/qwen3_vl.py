@@ -14,8 +14,9 @@ from flax import linen as nn
 
 from iada_jax.config import ConfigError, ForwardConfig, IadaConfig, LoraConfig, Qwen3VLConfig
 from iada_jax.data.batch import Batch
-from iada_jax.iada import token_masks
+from iada_jax.iada import init_iada_variables, token_masks
 from iada_jax.model.kv_cache import KVCache
+from iada_jax.lora import init_lora_variables
 from iada_jax.model.layers import Dense
 from iada_jax.model.text import NO_ADAPTERS, Adapters, TextModel, from_block_layout, to_block_layout
 from iada_jax.model.vision import VisionModel
@@ -165,18 +166,20 @@ def forward_cached(params: dict, batch: Batch, cache: KVCache, *, cfg: Qwen3VLCo
 
 def init_adapters(key: jax.Array, params: dict, *, cfg: Qwen3VLConfig, fwd: ForwardConfig,
                   lora: LoraConfig | None = None, iada: IadaConfig | None = None) -> dict:
-    """Fresh adapter variables (storage layout) for a model whose base `params` are given.
-
-    Runs the forward once on a 2-token text batch with the adapter collections mutable, so
-    every LoRA and IADA variable is created by the code that uses it; the base is untouched.
-    Works under `jax.eval_shape` (abstract params) for parameter counts.
+    """Fresh adapter variables (storage layout) for a model whose base `params` are given:
+    LoRA factors from the base kernels' shapes (`lora.init_lora_variables`), IADA from its
+    operator alone (`iada.init_iada_variables`). No forward pass is traced, so this is cheap
+    at any model size, and works under `jax.eval_shape` (abstract params) for parameter counts.
     """
     fwd.check(cfg.text)
-    module = Qwen3VLForConditionalGeneration(cfg, fwd, False, _adapters(lora, iada, fwd, True))
-    ids = jnp.zeros((1, 2), jnp.int32)
-    batch = Batch(input_ids=ids, attention_mask=jnp.ones_like(ids),
-                  position_ids=jnp.broadcast_to(jnp.arange(2, dtype=jnp.int32), (3, 1, 2)))
+    _adapters(lora, iada, fwd, True)  # the block-size check
     lora_key, iada_key = jax.random.split(key)
-    _, new = module.apply(module_variables(params, None, fwd), batch, rngs={"params": lora_key, "iada": iada_key},
-                          mutable=["lora", "iada"])
-    return storage_adapters(dict(new))
+    out = {}
+    if lora is not None:
+        layers = params["model"]["language_model"]["layers"]
+        out["lora"] = {"model": {"language_model": {"layers": init_lora_variables(lora_key, layers, lora)}}}
+    if iada is not None:
+        t = cfg.text
+        out["iada"] = init_iada_variables(iada_key, iada, t.hidden_size, t.num_attention_heads, t.num_hidden_layers,
+                                          t.rms_norm_eps)
+    return out

@@ -1,23 +1,18 @@
-"""Loss, gradients over the trainable collections, and the optimizer over collections.
+"""The optimizer over collections: AdamW per trainable collection, nothing for the frozen base.
 
 Trainability is decided by collection. The variables a step sees are
 {"params": frozen base, "lora": ..., "iada": ...}; the optimizer is an
 `optax.multi_transform` over the labels {lora, iada, frozen}: AdamW with its own learning
 rate and schedule for each trainable collection, `set_to_zero` (no state) for the rest.
-Gradients are taken with respect to the trainable collections only, so no backward pass
-ever produces a gradient for the 2B frozen weights.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
-
-from iada_jax.data.batch import Batch
 
 Array = jax.Array
 
@@ -104,71 +99,3 @@ def apply_gradients(tx: optax.GradientTransformation, opt_state, trainable: dict
     updates, opt_state = tx.update(full_grads, opt_state, {**frozen, **trainable})
     new = optax.apply_updates(trainable, {k: updates[k] for k in trainable})
     return new, opt_state
-
-
-def next_token_logprobs(logits: Array, input_ids: Array) -> Array:
-    """log p(token t + 1 | tokens <= t) in float32, [B, T - 1]."""
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    return jnp.take_along_axis(logp, input_ids[:, 1:, None], axis=-1)[..., 0]
-
-
-def next_token_loss(logits: Array, batch: Batch) -> tuple[Array, Array]:
-    """Mean cross-entropy of the supervised next tokens, in float32: position t predicts
-    token t + 1 where loss_mask[t + 1] = 1. Returns (loss, number of supervised tokens)."""
-    if batch.loss_mask is None:
-        raise ValueError("training needs batch.loss_mask (1 on the answer tokens to supervise)")
-    weights = (batch.loss_mask[:, 1:] * batch.attention_mask[:, 1:]).astype(jnp.float32)
-    nll = -next_token_logprobs(logits, batch.input_ids)
-    count = weights.sum()
-    return (nll * weights).sum() / jnp.maximum(count, 1.0), count
-
-
-def trainable_value_and_grad(loss_fn: Callable[[dict, dict], Array]):
-    """(trainable, frozen, *args) -> (loss, grads over trainable only)."""
-    return jax.value_and_grad(loss_fn, argnums=0)
-
-
-# ----------------------------------------------------------------------------- the step
-
-
-def init_train_state(trainable: dict, frozen: dict, tx: optax.GradientTransformation) -> dict:
-    """step (optimizer updates done), micro (micro-batches accumulated since), the trainable
-    collections (float32), the optimizer state, and the gradient accumulator."""
-    return {
-        "step": jnp.zeros((), jnp.int32),
-        "micro": jnp.zeros((), jnp.int32),
-        "trainable": trainable,
-        "opt_state": tx.init({**frozen, **trainable}),
-        "accum": jax.tree.map(jnp.zeros_like, trainable),
-    }
-
-
-def train_step(state: dict, frozen: dict, batch: Batch, key: Array, *, forward_fn: Callable,
-               tx: optax.GradientTransformation, accum_steps: int, dropout: bool, max_grad_norm: float | None):
-    """One micro-batch: gradients over the trainable collections, accumulated; every
-    `accum_steps`-th call also applies the optimizer. Pure; jit with donate on `state`.
-
-    forward_fn(frozen, batch, adapters, dropout_rng) -> logits. Returns (state, metrics).
-    """
-    rng = jax.random.fold_in(jax.random.fold_in(key, state["step"]), state["micro"]) if dropout else None
-
-    def loss_fn(trainable):
-        loss, count = next_token_loss(forward_fn(frozen, batch, trainable, rng), batch)
-        return loss, count
-
-    (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["trainable"])
-    accum = jax.tree.map(lambda a, g: a + g / accum_steps, state["accum"], grads)
-    last = state["micro"] + 1 == accum_steps
-
-    def update(_):
-        clipped, _ = clip_gradients(accum, max_grad_norm)
-        new, opt_state = apply_gradients(tx, state["opt_state"], state["trainable"], frozen, clipped)
-        return new, opt_state, jax.tree.map(jnp.zeros_like, accum), state["step"] + 1, jnp.zeros((), jnp.int32)
-
-    def hold(_):
-        return state["trainable"], state["opt_state"], accum, state["step"], state["micro"] + 1
-
-    trainable, opt_state, new_accum, step, micro = jax.lax.cond(last, update, hold, None)
-    metrics = {"loss": loss, "tokens": count, "grad_norm": optax.global_norm(accum), "applied": last}
-    new_state = {"step": step, "micro": micro, "trainable": trainable, "opt_state": opt_state, "accum": new_accum}
-    return new_state, metrics

@@ -22,15 +22,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from iada_jax.checkpoint import RunCheckpoints, save_params
+from iada_jax.checkpoint import save_params
 from iada_jax.config import ForwardConfig
 from iada_jax.data.image_processing import ImageProcessorConfig
 from iada_jax.data.loader import DataConfig, SFTData
 from iada_jax.experiments import get_experiment
-from iada_jax.metrics import MetricsWriter, plot_loss
-from iada_jax.model.qwen3_vl import forward, init_adapters
-from iada_jax.sharding import initialize_distributed, make_mesh, param_shardings, place_batch, replicated
-from iada_jax.training import OptimizerConfig, init_train_state, learning_rate_schedule, make_optimizer, train_step
+from iada_jax.train.checkpoints import RunCheckpoints
+from iada_jax.train.metrics import MetricsWriter, plot_loss
+from iada_jax.train.optimizer import OptimizerConfig
+from iada_jax.train.sharding import initialize_distributed, make_mesh, param_shardings, place_batch, replicated
+from iada_jax.train.step import TrainProgram
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,17 +168,15 @@ def fit(cfg: TrainConfig, log=print) -> dict:
     opt_cfg = OptimizerConfig(lora_lr=cfg.lora_lr, iada_lr=cfg.iada_lr, schedule=cfg.schedule,
                               warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
                               max_grad_norm=cfg.max_grad_norm)
-    tx = make_optimizer(opt_cfg, total_steps)
+    program = TrainProgram(mcfg, exp, fwd, opt_cfg, total_steps, cfg.grad_accum)
 
     frozen = {"params": jax.device_put(model.params, param_shardings(model.params, mcfg, mesh))}
-    # One compiled program each (eagerly, every small op would compile on its own).
-    trainable = jax.jit(lambda key, p: init_adapters(key, p, cfg=mcfg, fwd=fwd, lora=exp.lora, iada=exp.iada))(
-        jax.random.PRNGKey(cfg.seed), model.params)
+    trainable = program.new_adapters(jax.random.PRNGKey(cfg.seed), model.params)
     if start is not None:
         trainable = _start_from(trainable, start, cfg.init_adapters)
         log(f"adapters from {cfg.init_adapters}: {', '.join(sorted(start.variables))}")
-    trainable = jax.device_put(jax.tree.map(lambda x: x.astype(jnp.float32), trainable), replicated(mesh))
-    state = jax.jit(lambda t, f: init_train_state(t, f, tx))(trainable, frozen)
+    trainable = jax.device_put(trainable, replicated(mesh))
+    state = program.init_state(trainable, frozen)
 
     with open(os.path.join(cfg.out, "config.json"), "w") as f:
         json.dump({"train": dataclasses.asdict(cfg), "lora": dataclasses.asdict(exp.lora) if exp.lora else None,
@@ -192,22 +191,10 @@ def fit(cfg: TrainConfig, log=print) -> dict:
         log(f"resumed from step {step0} (data epoch {position[0]}, batch {position[1]})")
     elif cfg.resume:
         log("--resume: no checkpoint yet, starting fresh")
-
-    def forward_fn(frozen, batch, adapters, rng):
-        return forward(frozen["params"], batch, cfg=mcfg, fwd=fwd, lora=exp.lora, iada=exp.iada,
-                       adapters=adapters, dropout_rng=rng)[0]
-
-    dropout = exp.lora is not None and exp.lora.lora_dropout > 0
-    step_fn = jax.jit(
-        lambda s, fr, b, k: train_step(s, fr, b, k, forward_fn=forward_fn, tx=tx, accum_steps=cfg.grad_accum,
-                                       dropout=dropout, max_grad_norm=cfg.max_grad_norm),
-        donate_argnums=0,
-    )
-    schedules = {c: learning_rate_schedule(lr, total_steps, opt_cfg) for c, lr in (("lora", cfg.lora_lr), ("iada", cfg.iada_lr))}
-    return _loop(cfg, exp, data, state, frozen, step_fn, mesh, ckpts, position, total_steps, schedules, log)
+    return _loop(cfg, data, state, frozen, program, mesh, ckpts, position, total_steps, log)
 
 
-def _loop(cfg, exp, data, state, frozen, step_fn, mesh, ckpts, position, total_steps, schedules, log):
+def _loop(cfg, data, state, frozen, program: TrainProgram, mesh, ckpts, position, total_steps, log):
     from tqdm import tqdm
 
     key = jax.random.PRNGKey(cfg.seed + 1)
@@ -235,7 +222,7 @@ def _loop(cfg, exp, data, state, frozen, step_fn, mesh, ckpts, position, total_s
             if step >= total_steps:
                 break
             device_batch = place_batch(batch, mesh)
-            state, metrics = step_fn(state, frozen, device_batch, key)
+            state, metrics = program.step(state, frozen, device_batch, key)
             loss = float(metrics["loss"])
             next_pos = (pos[0], pos[1] + 1)
             if not math.isfinite(loss):
@@ -254,11 +241,11 @@ def _loop(cfg, exp, data, state, frozen, step_fn, mesh, ckpts, position, total_s
                 "loss": float(np.mean(window["loss"])),
                 "grad_norm": float(metrics["grad_norm"]),
                 "tokens_per_s": window["tokens"] / max(elapsed, 1e-9),
+                "step_s": elapsed,
                 "epoch": pos[0],
             }
-            for c in ("lora", "iada"):
-                if c in state["trainable"]:
-                    record[f"lr_{c}"] = float(schedules[c](step - 1))
+            for c, lr in program.learning_rates(step - 1).items():
+                record[f"lr_{c}"] = lr
             gate = state["trainable"].get("iada", {}).get("gate")
             if gate is not None:
                 record["iada_gate"] = np.asarray(gate).reshape(-1).tolist()
