@@ -2,7 +2,7 @@
 
     python -m bench.hlo_report --tiny --exp D_iada_lora --seq 256 [--dump step.hlo.txt]
 
-Compiles the same jitted step as bench/train_step.py (bf16, remat) and counts, in the
+Compiles train.py's training step (`TrainProgram`, as bench/train_step.py builds it) and counts, in the
 optimised HLO: matrix products by operand dtypes (a float32 product of bf16 weights is an
 upcast the policy does not ask for), converts and transposes by element count, and the
 number of times each decoder-layer matmul shape occurs (forward, recompute under remat,
@@ -72,11 +72,11 @@ def compiled_step_text(args) -> tuple[str, str]:
     """(StableHLO as lowered, optimised HLO) of bench/train_step.py's step."""
     import jax
 
-    from bench.train_step import Case, build_jax_step, model_config
+    from bench.train_step import Case, build_jax_case, model_config
 
     case = Case(exp=args.exp, seq=args.seq, images=args.images, batch=args.batch)
-    step, state, frozen, batch, _ = build_jax_step(model_config(args.tiny), case, args)
-    lowered = step.lower(state, frozen, batch, jax.random.PRNGKey(1))
+    program, state, frozen, batch = build_jax_case(model_config(args.tiny), case, args)
+    lowered = program.step.lower(state, frozen, batch, jax.random.PRNGKey(1))
     return lowered.as_text(), lowered.compile().as_text()
 
 

@@ -1,16 +1,18 @@
-"""Steady-state training-step speed: iada-jax against transformers + PEFT, same shapes, one run.
+"""Steady-state training-step speed of one case: our step (`iada_jax.train.step.TrainProgram`,
+the one train.py runs) or transformers + PEFT, on random weights and a synthetic batch.
 
-    python -m bench.train_step                       # Qwen3-VL-2B dimensions, random weights (GPU)
-    python -m bench.train_step --tiny --seq 128      # the harness itself on CPU, tiny dimensions
-    python -m bench.train_step --exp B_lora,D_iada_lora --seq 1024,2048,4096 --images 0,1 --torch
+    python -m bench.train_step --stack jax --exp D_iada_lora --seq 2048 --batch 8 --images 0   # 2B dims
+    python -m bench.train_step --stack torch --exp B_lora --seq 2048 --batch 8
+    python -m bench.train_step --tiny --dtype float32 --seq 64 --batch 2 --stack jax           # CPU check
 
-Per case (experiment x sequence length x images per sample) it reports the step time (median
-of --steps timed steps after --warmup), tokens/s (batch x sequence / step time), model FLOP
-utilisation and peak device memory (where the backend reports it), for our jitted step and,
-with --torch, for Qwen3VLForConditionalGeneration + PEFT LoRA (same targets and rank), SDPA,
-gradient checkpointing, AdamW over the adapters; then our tokens/s over theirs.
+One case per process, so the peak memory is the case's own (a process-lifetime maximum would
+mix cases) and neither stack's allocator starves the other; `bench/device_run.sh` runs the
+cases in order. The row (JSON, `--out`) gives the step time (median over --steps optimizer
+steps after --warmup, each of --grad-accum micro-batches; step_s is per micro-batch),
+tokens/s (batch x sequence / step_s: padded tokens, all real here), model TFLOP/s, MFU,
+peak device memory, and for our stack the compile time and XLA's compiled memory analysis.
 
-FLOP formula (model FLOPs, what the step must compute, not what it does):
+FLOP formula (model FLOPs per micro-batch, what the step must compute, not what it does):
     text forward  F_t = 2 * P_text * B * T  +  4 * L * B * T^2 * Hq * hd
                   (P_text: language-stack matmul weights incl. lm_head; the attention term counts
                   QK^T and AV over the full T x T square)
@@ -18,8 +20,8 @@ FLOP formula (model FLOPs, what the step must compute, not what it does):
     step          S = 2 * F_t + F_v + 4 * P_adapters * B * T
                   (the base is frozen: forward plus activation gradients, no weight gradients;
                   the vision tower runs forward only; adapter weight gradients for LoRA and IADA)
-    Rematerialised recompute is not counted. MFU = step FLOPs / step time / peak FLOP/s of the
-    device (--peak-tflops; default the bf16 dense peak for H100 SXM, 989; none on CPU).
+    Rematerialised recompute is not counted. MFU = S / step time / peak FLOP/s of the device
+    (--peak-tflops; default the bf16 dense peak of an H100 / H200 SXM, 989; none on CPU).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -42,7 +45,8 @@ class Case:
     exp: str
     seq: int
     images: int  # images per sample (448 x 448 each: 784 patches, 196 visual tokens)
-    batch: int
+    batch: int  # micro-batch
+    grad_accum: int = 1
 
 
 def model_config(tiny: bool):
@@ -81,25 +85,6 @@ def step_flops(cfg, case: Case, adapter_params: int, tiny: bool = False) -> floa
 # ----------------------------------------------------------------------------- inputs
 
 
-def random_params(cfg, dtype: str, seed: int = 0) -> dict:
-    """A parameter tree with the checkpoint layout (convert/mapping.py), random, on device."""
-    import jax
-    import jax.numpy as jnp
-
-    from convert.mapping import mapping_table, set_path
-
-    params: dict = {}
-    key = jax.random.PRNGKey(seed)
-    for i, rule in enumerate(mapping_table(cfg)):
-        shape = rule.jax_shape
-        if rule.jax[-1] == "scale":
-            value = jnp.ones(shape, dtype)
-        else:
-            value = (0.02 * jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32)).astype(dtype)
-        set_path(params, rule.jax, value)
-    return params
-
-
 def synthetic_examples(cfg, case: Case, tiny: bool, seed: int = 0):
     """B examples of exactly `seq` tokens: images first, then random text; the second half supervised."""
     from iada_jax.data.sft import Example
@@ -128,7 +113,31 @@ def synthetic_examples(cfg, case: Case, tiny: bool, seed: int = 0):
 # ----------------------------------------------------------------------------- JAX
 
 
-def _device_memory():
+def build_jax_case(cfg, case: Case, args):
+    """(program, state, frozen, batch): train.py's training program on random weights and a
+    synthetic batch collated by the loader's `collate`. Used by hlo_report.py and memory.py too."""
+    import jax
+    import jax.numpy as jnp
+
+    from convert.random_init import random_params
+    from iada_jax.config import ForwardConfig
+    from iada_jax.data.loader import collate
+    from iada_jax.experiments import get_experiment
+    from iada_jax.train.optimizer import OptimizerConfig
+    from iada_jax.train.step import TrainProgram
+
+    exp = get_experiment(case.exp, args.block_size)
+    fwd = ForwardConfig(block_size=args.block_size, remat=args.remat, attention=args.attention, dtype=args.dtype)
+    program = TrainProgram(cfg, exp, fwd, OptimizerConfig(), total_steps=1000, grad_accum=case.grad_accum)
+    params = random_params(cfg, args.dtype)
+    examples = synthetic_examples(cfg, case, args.tiny)
+    batch = jax.tree.map(jnp.asarray, collate(examples, case.seq, cfg, max_images=case.images))
+    frozen = {"params": params}
+    state = program.init_state(program.new_adapters(jax.random.PRNGKey(0), params), frozen)
+    return program, state, frozen, batch
+
+
+def _device_peak_gib():
     import jax
 
     stats = jax.devices()[0].memory_stats() or {}
@@ -136,84 +145,64 @@ def _device_memory():
     return None if peak is None else peak / 2**30
 
 
-def build_jax_step(cfg, case: Case, args):
-    """The jitted training step on random weights and a synthetic batch, as train.py runs it:
-    (step, state, frozen, batch, adapter parameter count). Used by hlo_report.py too."""
-    import jax
-    import jax.numpy as jnp
-
-    from iada_jax.config import ForwardConfig
-    from iada_jax.data.loader import collate
-    from iada_jax.experiments import get_experiment
-    from iada_jax.model.qwen3_vl import forward, init_adapters
-    from iada_jax.training import OptimizerConfig, init_train_state, make_optimizer, train_step
-
-    exp = get_experiment(case.exp, args.block_size)
-    fwd = ForwardConfig(block_size=args.block_size, remat=args.remat, attention=args.attention, dtype=args.dtype)
-    params = random_params(cfg, args.dtype)
-    batch = jax.tree.map(jnp.asarray, collate(synthetic_examples(cfg, case, args.tiny), case.seq, cfg, case.images))
-    trainable = jax.jit(lambda k, p: init_adapters(k, p, cfg=cfg, fwd=fwd, lora=exp.lora, iada=exp.iada))(
-        jax.random.PRNGKey(0), params)
-    trainable = jax.tree.map(lambda x: x.astype(jnp.float32), trainable)
-    adapter_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable))
-    tx = make_optimizer(OptimizerConfig(), 1000)
-    frozen = {"params": params}
-    state = jax.jit(lambda t, f: init_train_state(t, f, tx))(trainable, frozen)
-
-    def forward_fn(frozen, batch, adapters, rng):
-        return forward(frozen["params"], batch, cfg=cfg, fwd=fwd, lora=exp.lora, iada=exp.iada, adapters=adapters,
-                       dropout_rng=rng)[0]
-
-    step = jax.jit(lambda s, f, b, k: train_step(s, f, b, k, forward_fn=forward_fn, tx=tx, accum_steps=1,
-                                                 dropout=False, max_grad_norm=1.0), donate_argnums=0)
-    return step, state, frozen, batch, adapter_params
+def compiled_memory_gib(compiled) -> dict:
+    """XLA's compiled memory analysis: arguments, outputs, temporaries and their sum less the
+    donated (aliased) bytes, which is the program's peak footprint."""
+    m = compiled.memory_analysis()
+    if m is None:
+        return {}
+    gib = lambda n: n / 2**30  # noqa: E731
+    total = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+    return {"compiled_args_gib": gib(m.argument_size_in_bytes), "compiled_temp_gib": gib(m.temp_size_in_bytes),
+            "compiled_total_gib": gib(total)}
 
 
 def measure_jax(cfg, case: Case, args) -> dict:
     import jax
 
-    step, state, frozen, batch, adapter_params = build_jax_step(cfg, case, args)
+    program, state, frozen, batch = build_jax_case(cfg, case, args)
     key = jax.random.PRNGKey(1)
     t0 = time.perf_counter()
-    state, metrics = step(state, frozen, batch, key)
-    jax.block_until_ready(metrics["loss"])
+    compiled = program.step.lower(state, frozen, batch, key).compile()
     compile_s = time.perf_counter() - t0
+    memory = compiled_memory_gib(compiled)
+
+    def optimizer_step(state):
+        for _ in range(case.grad_accum):
+            state, metrics = compiled(state, frozen, batch, key)
+        jax.block_until_ready(metrics["loss"])
+        return state, metrics
+
+    t0 = time.perf_counter()
+    state, metrics = optimizer_step(state)
+    first_s = time.perf_counter() - t0
     for _ in range(args.warmup):
-        state, metrics = step(state, frozen, batch, key)
-    jax.block_until_ready(metrics["loss"])
+        state, metrics = optimizer_step(state)
     times = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
-        state, metrics = step(state, frozen, batch, key)
-        jax.block_until_ready(metrics["loss"])
-        times.append(time.perf_counter() - t0)
-    return _summary("jax", cfg, case, times, adapter_params, args, compile_s=compile_s,
-                    loss=float(metrics["loss"]), peak_gib=_device_memory())
+        state, metrics = optimizer_step(state)
+        times.append((time.perf_counter() - t0) / case.grad_accum)
+    adapter_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["trainable"]))
+    return _summary("jax", cfg, case, times, adapter_params, args, compile_s=compile_s, first_step_s=first_s,
+                    loss=float(metrics["loss"]), peak_gib=_device_peak_gib(), **memory)
 
 
 # ----------------------------------------------------------------------------- PyTorch
 
 
-def hf_config(cfg):
-    """transformers' Qwen3VLConfig with our config's dimensions."""
-    from transformers import Qwen3VLConfig
+def hf_vision_kwargs(ids, pixel_values, grid):
+    """The vision keyword arguments of transformers' Qwen3-VL forward. `mm_token_type_ids`
+    (1 at image placeholders) is passed only to versions whose forward takes it (5.23 does;
+    the GPU image's 5.17 may not)."""
+    import inspect
 
-    t, v = cfg.text, cfg.vision
-    return Qwen3VLConfig(
-        text_config=dict(vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
-                         num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
-                         num_key_value_heads=t.num_key_value_heads, head_dim=t.head_dim, rms_norm_eps=t.rms_norm_eps,
-                         rope_parameters={"rope_type": "default", "rope_theta": t.rope_theta,
-                                          "mrope_section": list(t.mrope_section), "mrope_interleaved": True}),
-        vision_config=dict(depth=v.depth, hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
-                           num_heads=v.num_heads, out_hidden_size=v.out_hidden_size, patch_size=v.patch_size,
-                           spatial_merge_size=v.spatial_merge_size, temporal_patch_size=v.temporal_patch_size,
-                           num_position_embeddings=v.num_position_embeddings,
-                           deepstack_visual_indexes=list(v.deepstack_visual_indexes)),
-        tie_word_embeddings=cfg.tie_word_embeddings, image_token_id=cfg.image_token_id,
-        video_token_id=cfg.video_token_id, vision_start_token_id=cfg.vision_start_token_id,
-        vision_end_token_id=cfg.vision_end_token_id,
-    )
+    from transformers.models.qwen3_vl import modeling_qwen3_vl
+
+    kw = dict(pixel_values=pixel_values, image_grid_thw=grid)
+    if "mm_token_type_ids" in inspect.signature(modeling_qwen3_vl.Qwen3VLModel.forward).parameters:
+        kw["mm_token_type_ids"] = ids
+    return kw
 
 
 def measure_torch(cfg, case: Case, args) -> dict:
@@ -221,6 +210,7 @@ def measure_torch(cfg, case: Case, args) -> dict:
     trainable IADA, so the LoRA-only step (B_lora) is the baseline for every experiment."""
     import peft
     import torch
+    import transformers
     from transformers import Qwen3VLForConditionalGeneration
 
     from iada_jax.experiments import get_experiment
@@ -229,9 +219,12 @@ def measure_torch(cfg, case: Case, args) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
     lora = get_experiment(case.exp, args.block_size).lora
-    model = Qwen3VLForConditionalGeneration._from_config(hf_config(cfg), attn_implementation="sdpa", dtype=dtype)
-    model = peft.get_peft_model(model, peft.LoraConfig(r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=0.0,
-                                                       target_modules=peft_target_modules(lora))).to(device)
+    with torch.device(device):  # initialise on the device: seconds, not minutes, at 2B
+        model = Qwen3VLForConditionalGeneration._from_config(transformers.Qwen3VLConfig(**cfg.to_hf_config()),
+                                                             attn_implementation="sdpa", dtype=dtype)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=lora.r, lora_alpha=lora.lora_alpha,
+                                                       lora_dropout=lora.lora_dropout,
+                                                       target_modules=peft_target_modules(lora)))
     if args.remat != "none":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -241,144 +234,120 @@ def measure_torch(cfg, case: Case, args) -> dict:
     labels = torch.where(torch.as_tensor(np.stack([e.loss_mask for e in examples]), device=device) > 0, ids, -100)
     inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
     if case.images:
-        inputs["pixel_values"] = torch.as_tensor(np.concatenate([e.pixel_values for e in examples]), device=device,
-                                                 dtype=dtype)
-        inputs["image_grid_thw"] = torch.as_tensor(np.concatenate([e.image_grid_thw for e in examples]), device=device)
-        inputs["mm_token_type_ids"] = (ids == cfg.image_token_id).long()
+        pixels = torch.as_tensor(np.concatenate([e.pixel_values for e in examples]), device=device, dtype=dtype)
+        grid = torch.as_tensor(np.concatenate([e.image_grid_thw for e in examples]), device=device)
+        inputs.update(hf_vision_kwargs((ids == cfg.image_token_id).long(), pixels, grid))
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=2e-4)
     adapter_params = sum(p.numel() for p in trainable)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
 
-    def one():
-        loss = model(**inputs).loss
-        loss.backward()
+    def optimizer_step():
+        for _ in range(case.grad_accum):
+            loss = model(**inputs).loss
+            (loss / case.grad_accum).backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss
+        sync()
+        return loss.detach()
 
-    for _ in range(max(1, args.warmup)):
-        one()
-    sync()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    optimizer_step()
+    first_s = time.perf_counter() - t0
+    for _ in range(args.warmup):
+        optimizer_step()
     times = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
-        loss = one()
-        sync()
-        times.append(time.perf_counter() - t0)
+        loss = optimizer_step()
+        times.append((time.perf_counter() - t0) / case.grad_accum)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
-    return _summary("torch", cfg, case, times, adapter_params, args, loss=float(loss), peak_gib=peak)
+    return _summary("torch", cfg, case, times, adapter_params, args, first_step_s=first_s, loss=float(loss),
+                    peak_gib=peak)
 
 
 # ----------------------------------------------------------------------------- report
+
+
+def versions() -> dict:
+    """Installed versions (read from package metadata: nothing is imported or initialised)."""
+    from importlib import metadata
+
+    out = {}
+    for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers", "peft", "torch", "datasets",
+                 "numpy", "pyarrow"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def device_name(stack: str) -> str:
+    if stack == "torch":
+        import torch
+
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    import jax
+
+    d = jax.devices()[0]
+    return d.device_kind if d.platform != "cpu" else "cpu"
 
 
 def _summary(stack, cfg, case, times, adapter_params, args, **extra) -> dict:
     step_s = statistics.median(times)
     flops = step_flops(cfg, case, adapter_params, args.tiny)
     peak = args.peak_tflops
-    return dict(stack=stack, **dataclasses.asdict(case), step_s=step_s, tokens_per_s=case.batch * case.seq / step_s,
+    return dict(kind="step", stack=stack, **dataclasses.asdict(case), dtype=args.dtype, remat=args.remat,
+                attention=args.attention, step_s=step_s, tokens_per_s=case.batch * case.seq / step_s,
                 model_tflops=flops / step_s / 1e12, mfu=None if not peak else flops / step_s / (peak * 1e12),
                 adapter_params=adapter_params, **extra)
 
 
-def _peak_tflops(requested: float | None) -> float | None:
-    import jax
-
+def peak_tflops(requested: float | None, device: str) -> float | None:
     if requested is not None:
         return requested or None
-    kind = jax.devices()[0].device_kind
-    return next((v for k, v in PEAK_TFLOPS.items() if k in kind), None)
+    return next((v for k, v in PEAK_TFLOPS.items() if k in device), None)
 
 
-def _versions() -> dict:
-    import jax
-    import transformers
-
-    out = {"jax": jax.__version__, "transformers": transformers.__version__, "device": jax.devices()[0].device_kind}
-    try:
-        import torch
-
-        out["torch"] = torch.__version__
-    except ImportError:
-        pass
-    return out
-
-
-def _fmt(x, spec):
-    return "n/a" if x is None else format(x, spec)
-
-
-def table(rows: list[dict]) -> str:
-    lines = ["| stack | exp | seq | images | batch | step s | tokens/s | model TFLOP/s | MFU | peak GiB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['stack']} | {r['exp']} | {r['seq']} | {r['images']} | {r['batch']} | {r['step_s']:.4f} | "
-                     f"{r['tokens_per_s']:.0f} | {r['model_tflops']:.3f} | {_fmt(r['mfu'], '.1%')} | "
-                     f"{_fmt(r.get('peak_gib'), '.1f')} |")
-    return "\n".join(lines)
-
-
-def ratios(rows: list[dict]) -> list[str]:
-    """Our tokens/s over the PyTorch LoRA baseline's, and IADA's cost over LoRA-only, per shape."""
-    out = []
-    by = {(r["stack"], r["exp"], r["seq"], r["images"]): r for r in rows}
-    for (stack, exp, seq, images), r in by.items():
-        if stack != "jax":
-            continue
-        base = by.get(("torch", "B_lora", seq, images))  # PyTorch has no IADA: LoRA-only is the baseline
-        if base:
-            out.append(f"{exp} seq {seq} images {images}: jax / torch tokens/s = "
-                       f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x")
-        lora = by.get(("jax", "B_lora", seq, images))
-        if exp != "B_lora" and lora:
-            out.append(f"{exp} seq {seq} images {images}: step time over B_lora = {r['step_s'] / lora['step_s'] - 1:+.1%}")
-    return out
-
-
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m bench.train_step", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stack", choices=["jax", "torch"], default="jax")
     ap.add_argument("--tiny", action="store_true", help="tiny dimensions (CPU check of the harness)")
-    ap.add_argument("--exp", default="B_lora,D_iada_lora")
-    ap.add_argument("--seq", default="1024,2048,4096")
-    ap.add_argument("--images", default="0,1", help="images per sample, comma-separated")
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--exp", default="D_iada_lora")
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--images", type=int, default=0, help="images per sample")
+    ap.add_argument("--batch", type=int, default=8, help="micro-batch")
+    ap.add_argument("--grad-accum", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--remat", default="full")
     ap.add_argument("--attention", default="xla", choices=["xla", "cudnn"])
     ap.add_argument("--block-size", type=int, default=4)
-    ap.add_argument("--torch", action="store_true", help="also measure transformers + PEFT")
     ap.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (0: do not report)")
-    ap.add_argument("--out", default=None, help="write the rows as JSON here")
-    args = ap.parse_args(argv)
-    args.peak_tflops = _peak_tflops(args.peak_tflops)
+    ap.add_argument("--out", default=None, help="write the row as JSON here")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
     cfg = model_config(args.tiny)
-    rows = []
-    for exp in args.exp.split(","):
-        for seq in (int(s) for s in args.seq.split(",")):
-            for images in (int(i) for i in args.images.split(",")):
-                case = Case(exp=exp, seq=seq, images=images, batch=args.batch)
-                rows.append(measure_jax(cfg, case, args))
-                print(table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
-                if args.torch and exp == args.exp.split(",")[0]:
-                    rows.append(measure_torch(cfg, dataclasses.replace(case, exp="B_lora"), args))
-                    print(table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
-    report = {"versions": _versions(), "args": vars(args), "rows": rows}
-    print(table(rows))
-    for line in ratios(rows):
-        print(line)
-    print("FLOPs: 2 x text forward (forward + activation gradients; frozen base: no weight gradients) + vision "
-          "forward + 4 x adapter params x tokens; attention counted over the full T x T; recompute not counted.")
+    case = Case(exp=args.exp, seq=args.seq, images=args.images, batch=args.batch, grad_accum=args.grad_accum)
+    device = device_name(args.stack)
+    args.peak_tflops = peak_tflops(args.peak_tflops, device)
+    row = (measure_jax if args.stack == "jax" else measure_torch)(cfg, case, args)
+    row.update(device=device, versions=versions(),
+               command="python -m bench.train_step " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])))
+    print(json.dumps(row))
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
+            json.dump(row, f, indent=1)
     return 0
 
 

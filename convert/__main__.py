@@ -4,6 +4,7 @@
     python -m convert export-peft RUN_DIR OUT_DIR [--step N] [--model CKPT]
     python -m convert export-merged RUN_DIR OUT_DIR [--step N] [--model CKPT] [--dtype ...]
     python -m convert import-peft ADAPTER_DIR OUT_DIR --model CKPT
+    python -m convert random-init --preset qwen3-vl-2b OUT_DIR [--format ours|hf] [--dtype ...]
 """
 
 from __future__ import annotations
@@ -39,6 +40,13 @@ def _parser() -> argparse.ArgumentParser:
     pin.add_argument("adapter_dir", help="folder with adapter_config.json and adapter_model.safetensors")
     pin.add_argument("out_dir", help="adapters folder to create (must not exist)")
     pin.add_argument("--model", required=True, help="the base checkpoint the adapter is for (shapes are checked)")
+    rnd = sub.add_parser("random-init", help="a random full-size checkpoint of a named architecture (benchmarks)")
+    rnd.add_argument("out_dir", help="folder to create (must not exist)")
+    rnd.add_argument("--preset", required=True, choices=["qwen3-vl-2b", "qwen3-vl-8b", "tiny"])
+    rnd.add_argument("--format", dest="fmt", choices=["ours", "hf"], default="ours",
+                     help="ours: a converted checkpoint for train.py --model (default); hf: safetensors for import-hf")
+    rnd.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    rnd.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -58,10 +66,14 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "export-merged":
             out = export_merged(args.run_dir, args.out_dir, step=args.step, model=args.model, dtype=args.dtype)
             print(f"wrote merged checkpoint {out}", file=sys.stderr)
+        elif args.command == "random-init":
+            from convert.random_init import random_init
+
+            random_init(args.preset, args.out_dir, fmt=args.fmt, dtype=args.dtype, seed=args.seed)
         else:
             out = import_peft(args.adapter_dir, args.out_dir, args.model)
             print(f"wrote adapters folder {out}; train from it with train.py --init-adapters {out}", file=sys.stderr)
-    except (ConversionError, ExportError, PeftImportError, AdapterError) as e:
+    except (ConversionError, ExportError, PeftImportError, AdapterError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

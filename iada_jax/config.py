@@ -146,6 +146,43 @@ class Qwen3VLConfig:
             tie_word_embeddings=bool(tie),
         )
 
+    def to_hf_config(self) -> dict[str, Any]:
+        """This architecture as a Hugging Face `config.json` dict (the transformers v5 form);
+        `from_hf_config` reads it back to an equal config."""
+        t, v = self.text, self.vision
+        text = dict(
+            model_type="qwen3_vl_text", vocab_size=t.vocab_size, hidden_size=t.hidden_size,
+            intermediate_size=t.intermediate_size, num_hidden_layers=t.num_hidden_layers,
+            num_attention_heads=t.num_attention_heads, num_key_value_heads=t.num_key_value_heads,
+            head_dim=t.head_dim, rms_norm_eps=t.rms_norm_eps, attention_bias=t.attention_bias, hidden_act=t.hidden_act,
+            max_position_embeddings=t.max_position_embeddings, tie_word_embeddings=self.tie_word_embeddings,
+            rope_parameters={"rope_type": "default", "rope_theta": t.rope_theta, "mrope_section": list(t.mrope_section),
+                             "mrope_interleaved": True},
+        )
+        vision = dict(
+            model_type="qwen3_vl_vision", depth=v.depth, hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
+            num_heads=v.num_heads, out_hidden_size=v.out_hidden_size, in_channels=v.in_channels,
+            patch_size=v.patch_size, temporal_patch_size=v.temporal_patch_size,
+            spatial_merge_size=v.spatial_merge_size, num_position_embeddings=v.num_position_embeddings,
+            deepstack_visual_indexes=list(v.deepstack_visual_indexes), hidden_act=v.hidden_act,
+        )
+        return dict(
+            model_type="qwen3_vl", architectures=["Qwen3VLForConditionalGeneration"], text_config=text,
+            vision_config=vision, image_token_id=self.image_token_id, video_token_id=self.video_token_id,
+            vision_start_token_id=self.vision_start_token_id, vision_end_token_id=self.vision_end_token_id,
+            tie_word_embeddings=self.tie_word_embeddings,
+        )
+
+    PRESETS = ("qwen3-vl-2b", "qwen3-vl-8b", "tiny")
+
+    @classmethod
+    def preset(cls, name: str) -> "Qwen3VLConfig":
+        """A named architecture: qwen3-vl-2b, qwen3-vl-8b (the hub configs' dimensions) or tiny."""
+        makers = {"qwen3-vl-2b": cls.qwen3_vl_2b, "qwen3-vl-8b": cls.qwen3_vl_8b, "tiny": cls.tiny}
+        if name not in makers:
+            raise ConfigError(f"unknown preset {name!r}; choose one of {list(makers)}")
+        return makers[name]()
+
     @classmethod
     def qwen3_vl_2b(cls) -> "Qwen3VLConfig":
         """The Qwen3-VL-2B-Instruct architecture (hub config.json), for parameter reports and
@@ -156,6 +193,17 @@ class Qwen3VLConfig:
         )
         vision = VisionConfig(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, out_hidden_size=2048)
         return cls(text=text, vision=vision, tie_word_embeddings=True)
+
+    @classmethod
+    def qwen3_vl_8b(cls) -> "Qwen3VLConfig":
+        """The Qwen3-VL-8B-Instruct architecture (hub config.json): 36 layers, d 4096, untied head."""
+        text = TextConfig(
+            vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+            num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+        )
+        vision = VisionConfig(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096,
+                              deepstack_visual_indexes=(8, 16, 24))
+        return cls(text=text, vision=vision, tie_word_embeddings=False)
 
     @classmethod
     def tiny(cls, **text_overrides) -> "Qwen3VLConfig":

@@ -59,3 +59,14 @@ def test_bad_configs_are_refused_clearly(change, message):
 def test_missing_config_file_names_the_folder(tmp_path):
     with pytest.raises(ConfigError, match=f"{tmp_path}/config.json: no config.json"):
         Qwen3VLConfig.from_hf_config(tmp_path)
+
+
+@pytest.mark.parametrize("preset", Qwen3VLConfig.PRESETS)
+def test_presets_write_an_hf_config_that_reads_back_equal(preset):
+    from transformers import Qwen3VLConfig as HFConfig
+
+    cfg = Qwen3VLConfig.preset(preset)
+    assert Qwen3VLConfig.from_hf_config(cfg.to_hf_config()) == cfg
+    assert Qwen3VLConfig.from_hf_config(HFConfig(**cfg.to_hf_config()).to_dict()) == cfg  # through transformers
+    with pytest.raises(ConfigError, match="unknown preset"):
+        Qwen3VLConfig.preset("qwen3-vl-70b")

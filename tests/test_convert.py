@@ -203,3 +203,28 @@ def test_table_covers_every_hf_key(tiny_hf):
     table_keys = [k for r in mapping_table(cfg) for k in r.hf_keys()]
     assert len(table_keys) == len(set(table_keys))
     assert set(table_keys) == set(hf_tensors(path))
+
+
+def test_random_init_checkpoints_load_in_both_stacks_and_agree(tmp_path):
+    """`convert random-init`: ours (train.py --model) and hf (from_pretrained, import-hf) hold the
+    same random weights of the preset; the tokenizer's image id is the config's."""
+    import torch
+    from transformers import AutoTokenizer, Qwen3VLForConditionalGeneration
+
+    from convert.random_init import random_init
+
+    ours = random_init("tiny", str(tmp_path / "ours"), dtype="float32", verbose=False)
+    hf = random_init("tiny", str(tmp_path / "hf"), fmt="hf", dtype="float32", verbose=False)
+    model, info = Qwen3VLForConditionalGeneration.from_pretrained(hf, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    a, b = iada_jax.load_pretrained(ours), iada_jax.load_pretrained(hf)
+    assert a.config == b.config == iada_jax.Qwen3VLConfig.from_hf_config(hf)
+    assert a.config.text == iada_jax.Qwen3VLConfig.tiny().text
+    ids = np.asarray([[1, 2, 3, 4, 5]])
+    np.testing.assert_array_equal(a.logits(ids), b.logits(ids))
+    with torch.no_grad():
+        theirs = model.eval()(input_ids=torch.as_tensor(ids)).logits.numpy()
+    assert np.abs(theirs - a.logits(ids)).max() < 1e-4
+    tok = AutoTokenizer.from_pretrained(ours)
+    assert tok.convert_tokens_to_ids("<|image_pad|>") == a.config.image_token_id
+    assert convert_main(["random-init", "--preset", "tiny", ours]) == 1  # an existing folder is refused

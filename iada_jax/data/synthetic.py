@@ -178,3 +178,22 @@ def corpus_text() -> str:
             for pos in POSITIONS:
                 lines.append(f"The {colour} {shape} is at the {pos} of the image.")
     return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m iada_jax.data.synthetic",
+                                 description="Write OUT_DIR/train.parquet: synthetic visual questions (llava-instruct-mix schema).")
+    ap.add_argument("out_dir")
+    ap.add_argument("--rows", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--image-size", type=int, default=64, help="square images of this many pixels per side")
+    args = ap.parse_args(argv)
+    path = make_synthetic_dataset(args.out_dir, args.rows, args.seed, (args.image_size, args.image_size))
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,89 @@
+"""bench/device_run.sh, the one prepared GPU run, at tiny dimensions on CPU: every case runs
+to a row, failures and a short budget are recorded rather than fatal, and the report reads
+what the rows say. (Speed is never asserted: the numbers of a CPU run mean nothing.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bench import device_run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def cpu_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("device_run")
+    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable)
+    proc = subprocess.run(["bash", os.path.join(ROOT, "bench", "device_run.sh"), "--cpu"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    return proc, out, json.load(open(out / "results.json"))
+
+
+def test_every_case_of_the_cpu_plan_gives_a_good_row(cpu_run):
+    proc, out, results = cpu_run
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    rows = {r["case"]: r for r in results["rows"]}
+    assert set(rows) == {c.name for c in device_run.plan(cpu=True)}
+    for name, row in rows.items():
+        want = "partial" if name == "attention" else "ok"  # no cuDNN on a CPU
+        assert row["status"] == want, (name, row)
+        assert row["versions"]["jax"] and row["device"] == "cpu"
+    steps = [r for r in results["rows"] if r["kind"] == "step"]
+    assert {(r["stack"], r["exp"], r["images"], r["batch"]) for r in steps} == {
+        ("jax", "D_iada_lora", 1, 2), ("torch", "B_lora", 1, 2)}
+    jax_row = next(r for r in steps if r["stack"] == "jax")
+    assert jax_row["compile_s"] > 0 and jax_row["compiled_total_gib"] > 0 and jax_row["tokens_per_s"] > 0
+    assert jax_row["command"].startswith("python -m bench.train_step --stack jax")
+    parity = [r for r in results["rows"] if r["kind"] == "parity"]
+    assert [r["dtype"] for r in parity] == ["float32", "bfloat16"] and parity[0]["max_abs_diff"] < 1e-4
+    attention = rows["attention"]
+    assert attention["xla_padded_rows_finite"] and attention["xla_grads_finite"]
+    train = rows["train.py"]
+    # train.py ran on a random checkpoint and generated data until SIGTERM, then exited cleanly.
+    assert train["optimizer_steps"] >= 3 and train["returncode"] == 0 and train["padded_tokens_per_s"] > 0
+    assert "random-init --preset tiny" in train["command"] and "train.py" in train["command"]
+
+
+def test_the_report_has_the_table_ratios_and_logs(cpu_run):
+    _, out, results = cpu_run
+    assert any(k.startswith("D_iada_lora / torch B_lora tokens/s") for k in results["ratios"])
+    md = (out / "results.md").read_text()
+    assert "| device | stack | exp |" in md and "x |" in md  # our tokens/s over PyTorch's, as N.NNx
+    assert "python -m bench.train_step --stack torch" in md
+    log = (out / "cases.log").read_text()
+    assert "===== parity" in log and "===== train.py" in log
+
+
+def _fake_step(stack, exp, batch, tokens_per_s, step_s, images=0):
+    return dict(kind="step", status="ok", stack=stack, exp=exp, seq=2048, images=images, batch=batch,
+                attention="xla", tokens_per_s=tokens_per_s, step_s=step_s, model_tflops=1.0, device="H200")
+
+
+def test_ratios_compare_same_shapes_only():
+    rows = [_fake_step("jax", "D_iada_lora", 8, 3000, 1.03), _fake_step("jax", "B_lora", 8, 3100, 1.0),
+            _fake_step("torch", "B_lora", 8, 2000, 1.5), _fake_step("jax", "D_iada_lora", 16, 3000, 2.0)]
+    r = device_run.ratios(rows)
+    assert r["D_iada_lora / torch B_lora tokens/s, seq 2048 img 0 b8"] == pytest.approx(1.5)
+    assert r["B_lora / torch B_lora tokens/s, seq 2048 img 0 b8"] == pytest.approx(1.55)
+    assert r["D_iada_lora step time over B_lora - 1 (IADA's share), seq 2048 img 0 b8"] == pytest.approx(0.03)
+    assert not any("b16" in k for k in r)  # no baseline at micro-batch 16
+    assert "| H200 | jax | D_iada_lora | 2048 | 0 | 8 | xla | 1.030 | 3000 | 1.50x |" in device_run.markdown(
+        rows, 510, cpu=False)
+
+
+def test_a_failing_case_and_an_exhausted_budget_are_rows_not_crashes(tmp_path):
+    runner = device_run.Runner(str(tmp_path), budget_s=60, cpu=True)
+    bad = device_run.CaseSpec("step-bad", "step", 0, 60, ("--tiny", "--exp", "no_such_experiment"))
+    late = device_run.CaseSpec("step-late", "step", 1e9, 60, ("--tiny",))
+    runner.run_all([device_run.CaseSpec("env", "env", 0, 30), bad, late], jobs=1)
+    rows = {r["case"]: r for r in runner.results()}
+    assert rows["step-bad"]["status"] == "failed" and "no_such_experiment" in rows["step-bad"]["output"]
+    assert rows["step-late"]["status"] == "skipped" and "budget left" in rows["step-late"]["reason"]
+    saved = json.load(open(tmp_path / "results.json"))
+    assert [r["case"] for r in saved["rows"]] == ["env", "step-bad", "step-late"]
