@@ -1,6 +1,6 @@
 """Conversions between Hugging Face / PEFT files and iada-jax:
 
-    python -m convert import-hf HF_DIR OUT_DIR [--dtype bfloat16|float32]
+    python -m convert import-hf HF_DIR OUT_DIR [--dtype auto|bfloat16|float32]
     python -m convert export-peft RUN_DIR OUT_DIR [--step N] [--model CKPT]
     python -m convert export-merged RUN_DIR OUT_DIR [--step N] [--model CKPT] [--dtype ...]
     python -m convert import-peft ADAPTER_DIR OUT_DIR --model CKPT
@@ -20,8 +20,9 @@ def _parser() -> argparse.ArgumentParser:
     imp = sub.add_parser("import-hf", help="convert a Hugging Face Qwen3-VL folder into an iada-jax checkpoint")
     imp.add_argument("hf_dir", help="folder with config.json and model.safetensors (or a sharded index)")
     imp.add_argument("out_dir", help="checkpoint folder to create (must not exist)")
-    imp.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
-                     help="stored parameter dtype (default bfloat16, the released weights' dtype)")
+    imp.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
+                     help="stored parameter dtype (default auto: the source's, bfloat16 for the released weights; "
+                          "a float32 source stays float32)")
 
     for name, help_text in (("export-peft", "a run's LoRA as a PEFT adapter (+ IADA files and their PyTorch module)"),
                             ("export-merged", "a full HF checkpoint with the run's LoRA merged in (+ IADA files)")):

@@ -24,7 +24,7 @@ import sys
 import numpy as np
 
 from convert.import_hf import copy_aux_files
-from convert.mapping import export_to_hf
+from convert.mapping import hf_sources, hf_specs, hf_tensor
 from convert.peft_format import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -37,7 +37,7 @@ from convert.peft_format import (
     to_peft_config,
     to_peft_state_dict,
 )
-from convert.safetensors_io import write_safetensors
+from convert.safetensors_io import write_safetensors, write_safetensors_stream
 from iada_jax.adapters import AdapterError, TrainedAdapters, load_adapters, resolve_model
 from iada_jax.checkpoint import write_folder_atomically
 from iada_jax.config import Qwen3VLConfig, param_dtype
@@ -139,57 +139,78 @@ def export_peft(run_dir: str, out_dir: str, step: int | None = None, model: str 
 
 
 def merge_lora(params: dict, lora_vars: dict, lora) -> dict:
-    """W + scaling * A @ B on every adapted kernel (float32), as PEFT's merge_and_unload."""
+    """W + scaling * A @ B on every adapted kernel (float32), as PEFT's merge_and_unload; the
+    other parameters are shared, not copied. Stacked kernels become lazy `MergedKernel`s: a
+    layer's slice is merged when it is read, so a merged export holds one layer at a time."""
     layers = params["model"]["language_model"]["layers"]
     factors = lora_vars["model"]["language_model"]["layers"]
+    new_layers = {group: dict(modules) for group, modules in layers.items()}
     for module in lora.modules:
         group = module_group(module)
-        base = layers[group][module]
-        a = np.asarray(factors[group][module]["lora_A"], np.float32)
-        b = np.asarray(factors[group][module]["lora_B"], np.float32)
-        merged = base["kernel"].astype(np.float32) + lora.scaling * np.einsum("lir,lro->lio", a, b)
-        base["kernel"] = merged
-    return params
+        f = factors[group][module]
+        new_layers[group][module] = dict(layers[group][module], kernel=MergedKernel(
+            layers[group][module]["kernel"], f["lora_A"], f["lora_B"], lora.scaling))
+    lm = dict(params["model"]["language_model"], layers=new_layers)
+    return dict(params, model=dict(params["model"], language_model=lm))
 
 
-def write_hf_weights(folder: str, tensors, max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
-    """(key, array) pairs -> model.safetensors, or model-0000i-of-0000n.safetensors shards of at
-    most `max_shard_bytes` plus model.safetensors.index.json (as save_pretrained writes them)."""
-    shards: list[dict] = [{}]
+class MergedKernel:
+    """kernel [L, in, out] + scaling * A[l] @ B[l], computed per layer slice on indexing."""
+
+    def __init__(self, kernel, a, b, scaling: float):
+        self.kernel, self.a, self.b, self.scaling = kernel, a, b, scaling
+        self.shape = tuple(kernel.shape)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        a, b = np.asarray(self.a[i], np.float32), np.asarray(self.b[i], np.float32)
+        return np.asarray(self.kernel[i], np.float32) + self.scaling * (a @ b)
+
+    def __array__(self, dtype=None, copy=None):
+        out = np.stack([self[i] for i in range(self.shape[0])])
+        return out if dtype is None else out.astype(dtype)
+
+
+def write_hf_weights(folder: str, specs: list, tensor, max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
+    """specs [(key, dtype, shape)] and tensor(key) -> array: model.safetensors, or
+    model-0000i-of-0000n.safetensors shards of at most `max_shard_bytes` plus
+    model.safetensors.index.json (as save_pretrained writes them). Streaming: the shards are
+    planned from the shapes, then each tensor is made and written alone."""
+    shards: list[list] = [[]]
     size = 0
-    for key, value in tensors:
-        if shards[-1] and size + value.nbytes > max_shard_bytes:
-            shards.append({})
+    for key, dtype, shape in sorted(specs, key=lambda spec: spec[0]):
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
             size = 0
-        shards[-1][key] = value
-        size += value.nbytes
-    if len(shards) == 1:
-        write_safetensors(os.path.join(folder, "model.safetensors"), shards[0], {"format": "pt"})
-        return ["model.safetensors"]
-    names, weight_map, total = [], {}, 0
-    for i, shard in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        write_safetensors(os.path.join(folder, name), shard, {"format": "pt"})
-        names.append(name)
-        weight_map.update({k: name for k in shard})
-        total += sum(v.nbytes for v in shard.values())
-    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=1)
+        shards[-1].append((key, dtype, shape))
+        size += nbytes
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    dtypes = {key: dtype for key, dtype, _ in specs}
+    for name, shard in zip(names, shards):
+        write_safetensors_stream(os.path.join(folder, name), shard,
+                                 lambda key: [np.asarray(tensor(key)).astype(dtypes[key], copy=False)], {"format": "pt"})
+    if len(shards) > 1:
+        weight_map = {key: name for name, shard in zip(names, shards) for key, _, _ in shard}
+        total = sum(int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize for _, dtype, shape in specs)
+        with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=1)
     return names
 
 
 def export_merged(run_dir: str, out_dir: str, step: int | None = None, model: str | None = None,
                   dtype: str | None = None, max_shard_bytes: int = MAX_SHARD_BYTES, verbose: bool = True) -> str:
-    """A full HF checkpoint with the run's LoRA merged in (dtype: that of the base by default)."""
+    """A full HF checkpoint with the run's LoRA merged in (dtype: that of the base by default).
+    Streams: the base is read a tensor (a layer slice) at a time, merged, written."""
     from iada_jax.checkpoint import is_base_checkpoint, read_base_checkpoint
 
     adapters, model_dir, hf_config, cfg = _load(run_dir, step, model)
     if is_base_checkpoint(model_dir):
-        _, params = read_base_checkpoint(model_dir)
+        _, params = read_base_checkpoint(model_dir)  # memory-mapped: read as written out
     else:
-        from convert.import_hf import read_hf_params
+        from convert.import_hf import lazy_hf_params
 
-        _, params = read_hf_params(model_dir, "float32")
+        _, params = lazy_hf_params(model_dir)  # each tensor read from the source when written
     base_dtype = np.asarray(params["model"]["language_model"]["norm"]["scale"]).dtype
     target = param_dtype(dtype) if dtype else base_dtype
     if adapters.lora is not None:
@@ -198,10 +219,11 @@ def export_merged(run_dir: str, out_dir: str, step: int | None = None, model: st
     hf_config = dict(hf_config, dtype=dtype_name)
     if "torch_dtype" in hf_config:
         hf_config["torch_dtype"] = dtype_name
+    sources = hf_sources(cfg)
 
     def write(folder):
-        tensors = ((k, v.astype(target, copy=False)) for k, v in export_to_hf(params, cfg))
-        shards = write_hf_weights(folder, tensors, max_shard_bytes)
+        shards = write_hf_weights(folder, hf_specs(cfg, target), lambda key: hf_tensor(params, cfg, key, sources),
+                                  max_shard_bytes)
         with open(os.path.join(folder, "config.json"), "w") as f:
             json.dump(hf_config, f, indent=2)
         copy_aux_files(model_dir, folder)

@@ -2,9 +2,12 @@
 
 Strict: before a single tensor is read, every key the mapping table expects must be present
 with its exact shape, every key in the files must be claimed by a rule, and every file must
-be structurally sound; all problems are reported together in one `ConversionError`. Tensors
-are then read one at a time into preallocated stacked arrays, so host memory holds the
-converted model once plus one source tensor.
+be structurally sound; all problems are reported together in one `ConversionError`.
+
+`import_hf` streams: the checkpoint's header is written from the table's shapes, then every
+source tensor is read, transformed and appended to params.safetensors one at a time (a stacked
+parameter slice by slice), so host memory holds one source tensor, never the model.
+`read_hf_params` (loading an HF folder directly) builds the tree in memory instead.
 """
 
 from __future__ import annotations
@@ -13,9 +16,7 @@ import json
 import os
 import shutil
 import sys
-from typing import Callable
 
-import jax
 import numpy as np
 
 from convert.mapping import mapping_table, set_path
@@ -77,16 +78,13 @@ def index_tensors(hf_dir: str) -> tuple[dict[str, TensorEntry], list[str]]:
     return entries, problems
 
 
-def read_hf_params(
-    hf_dir: str, dtype: str = "bfloat16", progress: Callable[[int, int, str], None] | None = None
-) -> tuple[Qwen3VLConfig, dict]:
-    """Read and check an HF folder; return (config, numpy parameter tree in `dtype`)."""
+def checked_source(hf_dir: str) -> tuple[Qwen3VLConfig, dict[str, TensorEntry], list]:
+    """(config, tensor entries, mapping rules) of an HF folder, after every check."""
     hf_dir = os.fspath(hf_dir)
     try:
         cfg = Qwen3VLConfig.from_hf_config(hf_dir)
     except ConfigError as e:
         raise ConversionError(hf_dir, [str(e)]) from None
-    target_dtype = param_dtype(dtype)
     entries, problems = index_tensors(hf_dir)
     rules = mapping_table(cfg)
     expected = {key: rule for rule in rules for key in rule.hf_keys()}
@@ -115,20 +113,70 @@ def read_hf_params(
             problems.append(f"{e.file}: tensor {key!r} has non-float dtype {e.dtype}")
     if problems:
         raise ConversionError(hf_dir, problems)
+    return cfg, entries, rules
 
+
+def source_dtype(entries: dict[str, TensorEntry]) -> str:
+    """The parameter dtype that keeps the source exactly: bfloat16 when every tensor is BF16,
+    float32 otherwise (F32, or a mix, or F16 / F64, which float32 holds or rounds least)."""
+    return "bfloat16" if {e.dtype for e in entries.values()} == {"BF16"} else "float32"
+
+
+def rule_slices(rule, entries: dict[str, TensorEntry], target_dtype, progress=None):
+    """The parameter of one rule in our layout, one source tensor (stacked slice) at a time."""
+    for key in rule.hf_keys():
+        yield rule.transform.to_jax(load_tensor(entries[key])).astype(target_dtype, copy=False)
+        if progress:
+            progress(key)
+
+
+class LazyParam:
+    """A parameter of an HF folder in our layout, read from the source when used: `p[i]` reads
+    one stacked slice (one source tensor), `np.asarray(p)` the whole parameter."""
+
+    def __init__(self, rule, entries: dict[str, TensorEntry], dtype):
+        self.rule, self.entries, self.dtype = rule, entries, np.dtype(dtype)
+        self.shape = tuple(rule.jax_shape)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return next(rule_slices(_one(self.rule, i), self.entries, self.dtype))
+
+    def __array__(self, dtype=None, copy=None):
+        out = np.stack(list(rule_slices(self.rule, self.entries, self.dtype)))
+        out = out.reshape(self.shape)
+        return out if dtype is None else out.astype(dtype)
+
+
+def _one(rule, i: int):
+    """The rule of stacked tensor i alone."""
+    import dataclasses
+
+    return dataclasses.replace(rule, hf=rule.hf.format(i=i), count=None)
+
+
+def lazy_hf_params(hf_dir: str) -> tuple[Qwen3VLConfig, dict]:
+    """(config, tree of `LazyParam`s in the source's dtype): nothing is read until used."""
+    cfg, entries, rules = checked_source(hf_dir)
+    dtype = param_dtype(source_dtype(entries))
     params: dict = {}
-    total, done = len(expected), 0
+    for rule in rules:
+        set_path(params, rule.jax, LazyParam(rule, entries, dtype))
+    return cfg, params
+
+
+def read_hf_params(hf_dir: str, dtype: str = "bfloat16") -> tuple[Qwen3VLConfig, dict]:
+    """Read and check an HF folder; return (config, numpy parameter tree in `dtype`, or the
+    source's with "auto")."""
+    cfg, entries, rules = checked_source(hf_dir)
+    target_dtype = param_dtype(source_dtype(entries) if dtype == "auto" else dtype)
+    params: dict = {}
     for rule in rules:
         target = np.empty(rule.jax_shape, target_dtype)
-        for i, key in enumerate(rule.hf_keys()):
-            value = rule.transform.to_jax(load_tensor(entries[key])).astype(target_dtype, copy=False)
+        for i, value in enumerate(rule_slices(rule, entries, target_dtype)):
             if rule.count is None:
                 target[...] = value
             else:
                 target[i] = value
-            done += 1
-            if progress:
-                progress(done, total, key)
         set_path(params, rule.jax, target)
     return cfg, params
 
@@ -140,31 +188,39 @@ def copy_aux_files(src: str, dst: str) -> None:
             shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
 
 
-def import_hf(hf_dir: str, out_dir: str, dtype: str = "bfloat16", verbose: bool = True) -> None:
-    """Convert `hf_dir` into an iada-jax checkpoint at `out_dir` (created atomically)."""
+def import_hf(hf_dir: str, out_dir: str, dtype: str = "auto", verbose: bool = True) -> None:
+    """Convert `hf_dir` into an iada-jax checkpoint at `out_dir` (created atomically), streaming.
+    dtype: "auto" (the source's: `source_dtype`), "bfloat16" or "float32"."""
     from iada_jax.checkpoint import write_base_checkpoint, write_folder_atomically
 
     hf_dir, out_dir = os.path.abspath(hf_dir), os.path.abspath(out_dir)
     if os.path.exists(out_dir):
         raise ConversionError(hf_dir, [f"{out_dir}: already exists; remove it or choose another OUT_DIR"])
-    last = [-1]
+    cfg, entries, rules = checked_source(hf_dir)
+    dtype = source_dtype(entries) if dtype == "auto" else dtype
+    target_dtype = param_dtype(dtype)
+    total = sum(len(rule.hf_keys()) for rule in rules)
+    state = {"done": 0, "decile": -1}
 
-    def progress(done: int, total: int, key: str) -> None:
-        pct = 100 * done // total
-        if verbose and (pct // 10 != last[0] // 10 or done == total):
-            last[0] = pct
-            print(f"  converted {done}/{total} tensors ({pct}%)", file=sys.stderr, flush=True)
+    def progress(key: str) -> None:
+        state["done"] += 1
+        decile = 10 * state["done"] // total
+        if verbose and (decile != state["decile"] or state["done"] == total):
+            state["decile"] = decile
+            print(f"  converted {state['done']}/{total} tensors ({100 * state['done'] // total}%)", file=sys.stderr,
+                  flush=True)
 
-    cfg, params = read_hf_params(hf_dir, dtype, progress)
+    by_path = {rule.jax: rule for rule in rules}
+    specs = [(rule.jax, target_dtype, rule.jax_shape) for rule in rules]
 
     def write(folder):
         with open(os.path.join(hf_dir, "config.json")) as f:
             hf_config = json.load(f)
-        write_base_checkpoint(folder, params, hf_config, dtype=dtype, source=hf_dir)
+        write_base_checkpoint(folder, specs, lambda path: rule_slices(by_path[path], entries, target_dtype, progress),
+                              hf_config, dtype=dtype, source=hf_dir)
         copy_aux_files(hf_dir, folder)
 
     write_folder_atomically(out_dir, write, lambda message: ConversionError(hf_dir, [message]))
     if verbose:
-        n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+        n = sum(int(np.prod(rule.jax_shape)) for rule in rules)
         print(f"wrote {out_dir} ({n:,} parameters, {dtype}; text layers {cfg.text.num_hidden_layers})", file=sys.stderr)
-

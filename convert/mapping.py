@@ -163,3 +163,22 @@ def export_to_hf(params: dict, cfg: Qwen3VLConfig):
         else:
             for i in range(rule.count):
                 yield rule.hf.format(i=i), rule.transform.to_hf(value[i])
+
+
+def hf_specs(cfg: Qwen3VLConfig, dtype) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
+    """(hf_key, dtype, hf_shape) of every tensor of the HF checkpoint, from the table alone."""
+    return [(key, np.dtype(dtype), tuple(rule.hf_shape)) for rule in mapping_table(cfg) for key in rule.hf_keys()]
+
+
+def hf_sources(cfg: Qwen3VLConfig) -> dict[str, tuple[Rule, int | None]]:
+    """hf_key -> (rule, stacked index or None): where each HF tensor lives in our tree."""
+    return {key: (rule, None if rule.count is None else i) for rule in mapping_table(cfg)
+            for i, key in enumerate(rule.hf_keys())}
+
+
+def hf_tensor(params: dict, cfg: Qwen3VLConfig, key: str, sources: dict | None = None) -> np.ndarray:
+    """One HF tensor from our tree (a stacked parameter's slice read alone: on a memory-mapped
+    checkpoint, only that slice is read)."""
+    rule, i = (sources or hf_sources(cfg))[key]
+    value = get_path(params, rule.jax)
+    return rule.transform.to_hf(np.asarray(value if i is None else value[i]))

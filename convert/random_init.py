@@ -18,8 +18,8 @@ import sys
 
 import numpy as np
 
-from convert.mapping import export_to_hf, mapping_table, set_path
-from iada_jax.config import Qwen3VLConfig
+from convert.mapping import hf_sources, hf_specs, hf_tensor, mapping_table, set_path
+from iada_jax.config import Qwen3VLConfig, param_dtype
 
 # Qwen3-VL's image processor defaults (patch 16, merge 2: 32-pixel factor; 64K..16.7M pixels).
 QWEN_PREPROCESSOR_CONFIG = {
@@ -69,19 +69,21 @@ def with_tiny_tokenizer_ids(cfg: Qwen3VLConfig) -> Qwen3VLConfig:
         vision_start_token_id=SPECIAL_TOKENS["<|vision_start|>"], vision_end_token_id=SPECIAL_TOKENS["<|vision_end|>"])
 
 
-def random_init(preset: str, out_dir: str, fmt: str = "ours", dtype: str = "bfloat16", seed: int = 0,
+def random_init(preset: str | Qwen3VLConfig, out_dir: str, fmt: str = "ours", dtype: str = "bfloat16", seed: int = 0,
                 verbose: bool = True) -> str:
-    """Write a random checkpoint of `preset` to `out_dir` (created atomically); returns its path."""
+    """Write a random checkpoint of `preset` (a name, or a config) to `out_dir` (created
+    atomically); returns its path."""
     import jax
 
     from convert.export import write_hf_weights
-    from iada_jax.checkpoint import write_base_checkpoint, write_folder_atomically
+    from iada_jax.checkpoint import tree_specs, write_base_checkpoint, write_folder_atomically
     from iada_jax.embedded import PREPROCESSOR_CONFIG
     from iada_jax.tiny_tokenizer import build_tokenizer
 
     if fmt not in ("ours", "hf"):
         raise ValueError(f"format {fmt!r}: use 'ours' (a converted checkpoint) or 'hf' (safetensors)")
-    cfg = with_tiny_tokenizer_ids(Qwen3VLConfig.preset(preset))
+    cfg = with_tiny_tokenizer_ids(preset if isinstance(preset, Qwen3VLConfig) else Qwen3VLConfig.preset(preset))
+    preset = preset if isinstance(preset, str) else "custom"
     hf_config = dict(cfg.to_hf_config(), dtype=dtype)
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if verbose else (lambda *a: None)
     log(f"random {preset}: generating parameters ({dtype}, seed {seed})")
@@ -90,14 +92,15 @@ def random_init(preset: str, out_dir: str, fmt: str = "ours", dtype: str = "bflo
 
     def write(folder):
         if fmt == "ours":
-            write_base_checkpoint(folder, params, hf_config, dtype=dtype, source=f"random:{preset}")
+            write_base_checkpoint(folder, *tree_specs(params), hf_config, dtype=dtype, source=f"random:{preset}")
         else:
-            write_hf_weights(folder, export_to_hf(params, cfg))
+            sources = hf_sources(cfg)
+            write_hf_weights(folder, hf_specs(cfg, param_dtype(dtype)), lambda key: hf_tensor(params, cfg, key, sources))
             with open(os.path.join(folder, "config.json"), "w") as f:
                 json.dump(hf_config, f, indent=2)
         build_tokenizer(folder)
         with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:
-            json.dump(PREPROCESSOR_CONFIG if preset == "tiny" else QWEN_PREPROCESSOR_CONFIG, f, indent=1)
+            json.dump(PREPROCESSOR_CONFIG if cfg.vision.patch_size == 4 else QWEN_PREPROCESSOR_CONFIG, f, indent=1)
 
     out = write_folder_atomically(out_dir, write)
     log(f"wrote {out} ({n:,} parameters, {fmt} format)")

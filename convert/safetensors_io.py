@@ -1,4 +1,4 @@
-"""Minimal safetensors reader and writer on numpy, one tensor at a time.
+"""Minimal safetensors reader and writer on numpy, one tensor at a time (streaming both ways).
 
 Why not `safetensors.numpy`: it cannot return bfloat16 (the dtype real Qwen3-VL weights
 ship in), and we want every structural problem of a file (short header, truncated data,
@@ -97,22 +97,83 @@ def load_tensor(entry: TensorEntry) -> np.ndarray:
     return arr.astype(dtype, copy=False).reshape(entry.shape)
 
 
-def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
-    """Write `tensors` (C order, little endian) with the keys sorted, as the reference writer does."""
+class LazyTensor:
+    """A tensor of a safetensors file, read when used: `t[i]` reads one slice of the leading
+    axis, `np.asarray(t)` the whole tensor. Reads go through the file (no memory map), so what
+    a caller drops is freed: a model streams through host memory a tensor at a time."""
+
+    def __init__(self, entry: TensorEntry):
+        self.entry = entry
+        self.dtype = DTYPES[entry.dtype]
+        self.shape = tuple(entry.shape)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.entry.end - self.entry.begin
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, i):
+        if not isinstance(i, (int, np.integer)):
+            return np.asarray(self)[i]
+        if not -self.shape[0] <= i < self.shape[0]:
+            raise IndexError(f"index {i} out of range for {self.entry.key!r} of shape {list(self.shape)}")
+        i = int(i) % self.shape[0]
+        inner = self.shape[1:]
+        count = int(np.prod(inner, dtype=np.int64))
+        with open(self.entry.file, "rb") as f:
+            f.seek(self.entry.begin + i * count * self.dtype.itemsize)
+            arr = np.fromfile(f, dtype=self.dtype.newbyteorder("<"), count=count)
+        if arr.size != count:
+            raise SafetensorsError(f"{self.entry.file}: truncated while reading {self.entry.key!r}")
+        return arr.astype(self.dtype, copy=False).reshape(inner)
+
+    def __array__(self, dtype=None, copy=None):
+        arr = load_tensor(self.entry)
+        return arr if dtype is None else arr.astype(dtype, copy=False)
+
+    def astype(self, dtype, copy: bool = True) -> np.ndarray:
+        return np.asarray(self).astype(dtype, copy=False)
+
+
+def write_safetensors_stream(path: str, specs: list[tuple[str, np.dtype, tuple[int, ...]]], chunks,
+                             metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file one piece at a time: `specs` [(key, dtype, shape)] fix the header
+    first; then `chunks(key)` yields the key's tensor as consecutive C-order pieces (one array,
+    or its leading-axis slices), written as they come. Memory: one piece. Keys are written
+    sorted, as the reference writer does."""
     header: dict = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
-    arrays = []
-    for key in sorted(tensors):
-        arr = np.ascontiguousarray(tensors[key])
-        if arr.dtype not in DTYPE_NAMES:
-            raise SafetensorsError(f"{path}: cannot store tensor {key!r} of dtype {arr.dtype}")
-        header[key] = {"dtype": DTYPE_NAMES[arr.dtype], "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
-        offset += arr.nbytes
-        arrays.append(arr)
+    order = sorted(specs, key=lambda spec: spec[0])
+    for key, dtype, shape in order:
+        dtype = np.dtype(dtype)
+        if dtype not in DTYPE_NAMES:
+            raise SafetensorsError(f"{path}: cannot store tensor {key!r} of dtype {dtype}")
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        header[key] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # align the data block to 8 bytes
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
-        for arr in arrays:
-            f.write(arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes())
+        for key, dtype, shape in order:
+            want = header[key]["data_offsets"][1] - header[key]["data_offsets"][0]
+            written = 0
+            for piece in chunks(key):
+                piece = np.ascontiguousarray(piece, dtype=np.dtype(dtype).newbyteorder("<"))
+                f.write(piece.reshape(-1).view(np.uint8))
+                written += piece.nbytes
+            if written != want:
+                raise SafetensorsError(f"{path}: tensor {key!r} gave {written} bytes, its shape {list(shape)} needs {want}")
+
+
+def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
+    """Write `tensors` (C order, little endian) with the keys sorted, as the reference writer does."""
+    arrays = {k: np.asarray(v) for k, v in tensors.items()}
+    write_safetensors_stream(path, [(k, a.dtype, a.shape) for k, a in arrays.items()], lambda k: [arrays[k]], metadata)

@@ -18,7 +18,9 @@ from convert.__main__ import main as convert_main
 from convert.import_hf import ConversionError, read_hf_params
 from convert.mapping import export_to_hf, mapping_table
 from convert.safetensors_io import load_tensor, read_header, write_safetensors
-from iada_jax.checkpoint import load_params
+import jax
+
+from iada_jax.checkpoint import read_base_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -75,12 +77,53 @@ def test_cli_import_then_load_matches_transformers(tiny_hf, tmp_path):
 def test_bfloat16_checkpoint_stores_bfloat16(tiny_hf, tmp_path):
     path, _ = tiny_hf("default")
     out = tmp_path / "ckpt_bf16"
-    assert convert_main(["import-hf", path, str(out)]) == 0  # bfloat16 is the default
-    stored = load_params(str(out / "params"))
+    assert convert_main(["import-hf", path, str(out), "--dtype", "bfloat16"]) == 0
+    _, stored = read_base_checkpoint(str(out))
     q = stored["model"]["language_model"]["layers"]["self_attn"]["q_proj"]["kernel"]
     assert q.dtype == ml_dtypes.bfloat16
     ref = hf_tensors(path)["model.language_model.layers.1.self_attn.q_proj.weight"]
     np.testing.assert_array_equal(q[1], ref.T.astype(ml_dtypes.bfloat16))
+
+
+def test_default_dtype_is_the_sources(tiny_hf, tmp_path):
+    """--dtype auto (the default) never rounds: a float32 source stays float32 bit for bit, a
+    bfloat16 one stays bfloat16."""
+    path, _ = tiny_hf("default")
+    assert convert_main(["import-hf", path, str(tmp_path / "f32")]) == 0
+    _, stored = read_base_checkpoint(str(tmp_path / "f32"))
+    q = stored["model"]["language_model"]["layers"]["self_attn"]["q_proj"]["kernel"]
+    ref = hf_tensors(path)["model.language_model.layers.1.self_attn.q_proj.weight"]
+    assert q.dtype == np.float32 and np.array_equal(q[1], ref.T)
+    bf16 = copy_with(path, tmp_path / "bf16_src", tensors={k: v.astype(ml_dtypes.bfloat16)
+                                                           for k, v in hf_tensors(path).items()})
+    assert convert_main(["import-hf", bf16, str(tmp_path / "bf16")]) == 0
+    _, stored = read_base_checkpoint(str(tmp_path / "bf16"))
+    assert stored["model"]["language_model"]["norm"]["scale"].dtype == ml_dtypes.bfloat16
+
+
+def test_conversion_holds_one_tensor_not_the_model(tmp_path):
+    """import-hf streams: the Python heap's peak while converting (tracemalloc sees numpy's
+    buffers) stays near the largest single tensor, far below the checkpoint's size; reading it
+    back is lazy."""
+    import tracemalloc
+
+    from convert.import_hf import import_hf
+    from convert.random_init import random_init
+
+    cfg = iada_jax.Qwen3VLConfig.tiny(num_hidden_layers=6, hidden_size=128, intermediate_size=384)
+    src = random_init(cfg, str(tmp_path / "hf"), fmt="hf", dtype="float32", verbose=False)
+    sizes = [e.end - e.begin for e in read_header(os.path.join(src, "model.safetensors")).values()]
+    tracemalloc.start()
+    import_hf(src, str(tmp_path / "ours"), verbose=False)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    print(f"[convert] heap peak {peak / 1e6:.2f} MB; checkpoint {sum(sizes) / 1e6:.2f} MB, largest tensor "
+          f"{max(sizes) / 1e6:.2f} MB")
+    assert peak < 3 * max(sizes) + 2e5 and peak < 0.25 * sum(sizes)
+    _, params = read_base_checkpoint(str(tmp_path / "ours"))
+    from convert.safetensors_io import LazyTensor
+
+    assert all(isinstance(x, LazyTensor) for x in jax.tree.leaves(params))
 
 
 def test_sharded_checkpoint_converts(tiny_hf, tmp_path):
