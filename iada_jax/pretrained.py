@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,7 @@ from iada_jax.checkpoint import is_base_checkpoint, read_base_checkpoint
 from iada_jax.config import ForwardConfig, Qwen3VLConfig, param_dtype
 from iada_jax.data.batch import Batch
 from iada_jax.data.image_processing import ImageProcessorConfig
-from iada_jax.data.vision_inputs import build_vision_inputs
+from iada_jax.data.vision_inputs import build_vision_inputs, merged_rows, scatter_index
 from iada_jax.model.qwen3_vl import forward, vision_features
 from iada_jax.positions import get_rope_index
 
@@ -88,8 +89,12 @@ class Qwen3VL:
             pixels.append(np.asarray(pv, np.float32))
             grids.append(grid)
             index.append(positions)
-        vision = build_vision_inputs(np.concatenate(pixels), np.concatenate(grids), cfg.vision)
-        return vision, np.concatenate(index)
+        grid = np.concatenate(grids)
+        vision = build_vision_inputs(np.concatenate(pixels), grid, cfg.vision)
+        frame_len = vision.pixel_values.shape[0] // len(vision.frame_lengths)
+        visual_index = scatter_index(np.concatenate(index), grid, frame_len, cfg.vision.spatial_merge_size,
+                                     len(vision.frame_lengths), ids.size)
+        return vision, visual_index
 
     def _check_grid_sizes(self, kind, grid, positions, seq_len):
         if self.image_config is None:
@@ -124,10 +129,12 @@ class Qwen3VL:
     def vision_features(self, pixel_values, grid_thw) -> tuple[np.ndarray, list[np.ndarray]]:
         """The vision tower alone, as HF `get_image_features` before the per-image split:
         (merged tokens [sum(t*h*w)/4, D], one DeepStack feature [sum(t*h*w)/4, D] per tap)."""
-        vis = jax.tree.map(jnp.asarray, build_vision_inputs(pixel_values, grid_thw, self.config.vision))
-        batch = Batch(input_ids=None, attention_mask=None, position_ids=None, vision=vis)
+        vis = build_vision_inputs(pixel_values, grid_thw, self.config.vision)
+        frame_len = vis.pixel_values.shape[0] // len(vis.frame_lengths)
+        rows = merged_rows(grid_thw, frame_len, self.config.vision.spatial_merge_size)  # the real tokens
+        batch = Batch(input_ids=None, attention_mask=None, position_ids=None, vision=jax.tree.map(jnp.asarray, vis))
         merged, deepstack = self._jitted_vision(self.params, batch, cfg=self.config, fwd=self.fwd)
-        return np.asarray(merged, np.float32), [np.asarray(d, np.float32) for d in deepstack]
+        return np.asarray(merged, np.float32)[rows], [np.asarray(d, np.float32)[rows] for d in deepstack]
 
     def logits(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                pixel_values_videos=None, video_grid_thw=None) -> np.ndarray:
@@ -149,23 +156,29 @@ def _default_block_size(num_layers: int) -> int:
     return max(s for s in range(1, 5) if num_layers % s == 0)
 
 
-def load_pretrained(path: str | os.PathLike, dtype: str = "float32", fwd: ForwardConfig | None = None) -> Qwen3VL:
+def load_pretrained(path: str | os.PathLike, dtype: str = "float32", fwd: ForwardConfig | None = None,
+                    place: Callable[[Qwen3VLConfig, dict], dict] | None = None) -> Qwen3VL:
     """Load a converted checkpoint (from `python -m convert import-hf`) or an HF model folder.
 
-    dtype: parameter and compute dtype, "float32" or "bfloat16".
+    dtype: parameter and compute dtype, "float32" or "bfloat16". The parameters are read a leaf
+    at a time and placed by place(config, params) (default: each leaf cast to dtype, on the
+    default device); the training loop places them straight onto its mesh.
     """
     path = os.fspath(path)
     target = param_dtype(dtype)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such folder (expected a converted checkpoint or an HF model folder)")
     if is_base_checkpoint(path):
-        hf_config, params = read_base_checkpoint(path)
+        hf_config, params = read_base_checkpoint(path)  # lazy: nothing is read yet
         config = Qwen3VLConfig.from_hf_config(hf_config)
-        params = jax.tree.map(lambda x: x.astype(target, copy=False), params)
     else:
-        from convert.import_hf import read_hf_params
+        from convert.import_hf import lazy_hf_params
 
-        config, params = read_hf_params(path, dtype)
+        config, params = lazy_hf_params(path)
+    if place is None:
+        params = jax.tree.map(lambda x: jnp.asarray(np.asarray(x).astype(target, copy=False)), params)
+    else:
+        params = place(config, params)
     if fwd is None:
         fwd = ForwardConfig(block_size=_default_block_size(config.text.num_hidden_layers), dtype=dtype)
     image_config = None

@@ -12,7 +12,7 @@ from PIL import Image
 
 from iada_jax.data.image_processing import ImageProcessorConfig
 from iada_jax.data.loader import DataConfig, SFTData, collate
-from iada_jax.data.sft import BadRow, build_example
+from iada_jax.data.sft import BadRow, Example, build_example
 from iada_jax.embedded import PREPROCESSOR_CONFIG
 from iada_jax.model.qwen3_vl import forward
 
@@ -113,8 +113,9 @@ def test_bad_rows_are_skipped_and_counted_and_no_usable_rows_is_an_error(embedde
 
 
 def test_padded_static_batch_gives_the_logits_of_the_unpadded_samples(embedded):
-    """collate pads text to the bucket and the vision inputs to a power-of-two bucket of
-    patches and frames; every sample's logits equal those of the sample alone, unpadded."""
+    """collate pads text to the bucket and lays the images out in frames of one bucketed length
+    (padding rows in each frame's slack, a padding frame for the text-only row); every sample's
+    logits equal those of the sample alone, unpadded."""
     _, _, tok, model = embedded
     rows = [
         {"images": [png((255, 0, 0))], "prompt": [{"role": "user", "content": "What colour?"}],
@@ -125,8 +126,9 @@ def test_padded_static_batch_gives_the_logits_of_the_unpadded_samples(embedded):
          "completion": [{"role": "assistant", "content": "1 2"}]},
     ]
     examples = [build_example(tok, r, image_cfg(), merge_size=2, max_length=256) for r in rows]
-    batch = collate(examples, 160, model.config, max_images=2)
-    assert batch.vision.pixel_values.shape[0] == 512  # 256 + 192 patches -> bucket 512
+    batch = collate(examples, 160, model.config, max_images=1)
+    assert batch.vision.frame_lengths.tolist() == [256, 192, 0]  # 3 frames of 256 rows: 768, not 1024
+    assert batch.vision.pixel_values.shape[0] == 3 * 256
     logits = np.asarray(forward(model.params, jax.tree.map(np.asarray, batch), cfg=model.config, fwd=model.fwd)[0])
     for b, ex in enumerate(examples):
         alone = model.logits(ex.input_ids[None], pixel_values=ex.pixel_values, image_grid_thw=ex.image_grid_thw)[0]
@@ -144,3 +146,30 @@ def test_epoch_plan_is_deterministic_and_buckets_are_static(embedded):
     assert all(len(rows) == 4 and length in (96, 128) for length, rows in plan)
     (pos, batch), = [x for _, x in zip(range(1), data.iterate(start=(0, 1)))]
     assert pos == (0, 1) and batch.input_ids.shape == (4, plan[1][0])
+
+
+def test_frame_buckets_pad_little_and_stay_few():
+    from iada_jax.data.vision_inputs import frame_bucket
+
+    buckets = {frame_bucket(n) for n in range(1, 20001)}
+    assert all(b % 4 == 0 for b in buckets)  # whole 2x2 merge windows
+    assert all(frame_bucket(n) >= n and frame_bucket(n) <= max(64, 1.25 * n) for n in range(1, 20001))
+    assert len(buckets) <= 4 * 9  # four per doubling from 64 to 20000 patches
+
+
+def test_eight_coco_sized_images_cost_little_beyond_their_patches():
+    """8 images of 480x640 (1,200 patches each): 8 frames of 1,280 rows (the power-of-two layout
+    used 16 frames of 2,048: 1.7x the rows, 5.8x the attention)."""
+    from iada_jax.config import Qwen3VLConfig
+
+    cfg = Qwen3VLConfig.qwen3_vl_2b()
+    grid = np.asarray([[1, 30, 40]] * 8)
+    examples = [Example(np.asarray([cfg.vision_start_token_id] + [cfg.image_token_id] * 300 + [5, 6]), np.zeros(303, np.int32),
+                        np.zeros((1200, cfg.vision.patch_dim), np.float32), grid[:1]) for _ in range(8)]
+    batch = collate(examples, 512, cfg, max_images=1)
+    lengths = batch.vision.frame_lengths
+    rows = batch.vision.pixel_values.shape[0]
+    assert lengths.tolist() == [1200] * 8 and rows == 8 * 1280
+    assert rows / 9600 < 1.1 and 8 * 1280**2 / (8 * 1200**2) < 1.15
+    index = np.asarray(batch.visual_index)
+    assert (index < 8 * 512).sum() == 8 * 300  # every real merged token lands on its placeholder

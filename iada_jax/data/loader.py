@@ -25,7 +25,7 @@ from iada_jax.config import Qwen3VLConfig
 from iada_jax.data.batch import Batch
 from iada_jax.data.image_processing import ImageProcessorConfig
 from iada_jax.data.sft import BadRow, Example, build_example
-from iada_jax.data.vision_inputs import build_vision_inputs, pad_vision_inputs, pad_visual_index
+from iada_jax.data.vision_inputs import build_vision_inputs, frame_bucket, frame_sizes, scatter_index
 from iada_jax.positions import get_rope_index
 
 
@@ -174,9 +174,9 @@ class SFTData:
 
 def collate(examples: list[Example], length: int, cfg: Qwen3VLConfig, max_images: int = 1,
             side: str = "right") -> Batch:
-    """Pad to [B, length] (right, or left for generation); vision padded to a power-of-two
-    bucket of patches and to B * max_images frames (images, or video frames, per sample) plus
-    the padding frames."""
+    """Pad to [B, length] (right, or left for generation). Vision: B * max_images frames (images,
+    or video frames, per sample), each of a frame-length bucket (`frame_bucket` of the batch's
+    largest frame), real patches first (data/vision_inputs.py)."""
     b = len(examples)
     ids = np.zeros((b, length), np.int32)
     mask = np.zeros((b, length), np.int32)
@@ -193,12 +193,10 @@ def collate(examples: list[Example], length: int, cfg: Qwen3VLConfig, max_images
     if grids:
         grid = np.concatenate(grids)
         pixels = np.concatenate([ex.pixel_values for ex in examples if ex.pixel_values is not None])
-        vis = build_vision_inputs(pixels, grid, cfg.vision)
-        merge2 = cfg.vision.spatial_merge_size**2
-        n_patches = next_pow2(pixels.shape[0], 16 * merge2)
-        frame_len = next_pow2(vis.frame_gather.shape[1], merge2)
-        vision = pad_vision_inputs(vis, n_patches, b * max_images + n_patches // frame_len, frame_len)
+        merge = cfg.vision.spatial_merge_size
+        frame_len = frame_bucket(int(frame_sizes(grid).max()), minimum=16 * merge**2)
+        vision = build_vision_inputs(pixels, grid, cfg.vision, n_frames=b * max_images, frame_len=frame_len)
         placeholders = np.flatnonzero((ids == cfg.image_token_id) & (mask == 1))
-        visual_index = pad_visual_index(placeholders, n_patches // merge2, b * length)
+        visual_index = scatter_index(placeholders, grid, frame_len, merge, b * max_images, b * length)
     return Batch(input_ids=ids, attention_mask=mask, position_ids=np.asarray(positions, np.int32),
                  vision=vision, visual_index=visual_index, loss_mask=loss)

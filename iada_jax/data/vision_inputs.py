@@ -3,6 +3,15 @@
 The vision tower then runs on fixed-shape arrays with no host integers inside the program
 (PERF_NOTES: a tower that loops over windows with host integers recompiles per grid).
 
+Layout: frame-major with slack. Every image (and every temporal frame of a video) is a frame
+of `frame_len` rows: its real patches first, in the processor's order, then padding rows
+(zero pixels); frames without an image are all padding. The tower's attention is within a
+frame (a [F, L] reshape, no gather), the 2x2 merger sees whole windows (a frame's real patch
+count and L are multiples of merge^2), and a padding row never touches a real one. L is a
+bucket (`frame_bucket`: four steps per octave, at most a quarter of padding), not a power of
+two, and a batch's F is fixed (batch size x images per sample), so the step compiles once per
+(text bucket, frame bucket) while the tower computes little beyond the real patches.
+
 Mirrors transformers 5.23.0 `vision_utils`: `get_vision_interpolation_indices_and_weights`
 (bilinear, align_corners=True), `get_vision_position_ids` and `get_vision_cu_seqlens`
 (one attention segment per image and per temporal frame).
@@ -18,24 +27,32 @@ from iada_jax.config import VisionConfig
 
 @struct.dataclass
 class VisionInputs:
-    """All images and video frames of a batch packed into one sequence of N patches.
+    """All images and video frames of a batch, frame-major: frame f holds rows
+    [f * L, f * L + frame_lengths[f]) of the patch sequence, its other rows are padding.
 
-    pixel_values  [N, C*T*p*p]  rows as the HF processor emits them (merge-window order)
-    pos_index     [N, 4] int32  bilinear taps into the learned position table
-    pos_weight    [N, 4] f32    their weights
-    rot_pos       [N, 2] int32  (row, col) patch coordinates for the 2-D rotary embedding
-    frame_gather  [F, Lmax] int32  patch index of each slot of each frame (0 in padding slots)
-    frame_valid   [F, Lmax] bool   real slots; attention is within a frame only
-    patch_slot    [N] int32     flat slot (frame * Lmax + i) of each patch, to unpack
+    pixel_values  [F * L, C*T*p*p]  rows as the HF processor emits them (merge-window order)
+    pos_index     [F * L, 4] int32  bilinear taps into the learned position table
+    pos_weight    [F * L, 4] f32    their weights (0 in padding rows)
+    rot_pos       [F * L, 2] int32  (row, col) patch coordinates for the 2-D rotary embedding
+    frame_lengths [F] int32         real patches of each frame (0: a padding frame)
     """
 
     pixel_values: np.ndarray
     pos_index: np.ndarray
     pos_weight: np.ndarray
     rot_pos: np.ndarray
-    frame_gather: np.ndarray
-    frame_valid: np.ndarray
-    patch_slot: np.ndarray
+    frame_lengths: np.ndarray
+
+
+def frame_bucket(n: int, minimum: int = 64) -> int:
+    """The frame length L for a frame of n patches: `minimum` for small frames, else n rounded
+    up to a quarter of its octave (2^k < n <= 2^(k+1): a multiple of 2^k / 4), so at most a
+    quarter of a frame is padding and there are four buckets per doubling of the image area.
+    Always a multiple of 4 (the 2x2 merge window)."""
+    if n <= minimum:
+        return minimum
+    step = max(4, 2 ** (int(n - 1).bit_length() - 1) // 4)
+    return -(-n // step) * step
 
 
 def patch_coordinates(t: int, h: int, w: int, merge: int) -> tuple[np.ndarray, np.ndarray]:
@@ -59,11 +76,10 @@ def _axis_taps(index: np.ndarray, size: int, side: int) -> tuple[np.ndarray, np.
     return taps, np.maximum(np.float32(1) - distance, np.float32(0)).astype(np.float32)
 
 
-def build_vision_inputs(pixel_values: np.ndarray, grid_thw: np.ndarray, cfg: VisionConfig) -> VisionInputs:
-    """Validate `pixel_values` against `grid_thw` ([num_images_or_videos, 3]) and lay them out."""
+def check_grids(pixel_values: np.ndarray, grid_thw: np.ndarray, cfg: VisionConfig) -> np.ndarray:
+    """Validate `pixel_values` against `grid_thw` ([num_images_or_videos, 3]); the grids as int64."""
     grid_thw = np.asarray(grid_thw, dtype=np.int64).reshape(-1, 3)
-    pixel_values = np.asarray(pixel_values)
-    m, side = cfg.spatial_merge_size, int(round(cfg.num_position_embeddings**0.5))
+    m = cfg.spatial_merge_size
     for i, (t, h, w) in enumerate(grid_thw):
         if min(t, h, w) <= 0 or h % m or w % m:
             raise ValueError(f"grid {i} (t,h,w)=({t},{h},{w}): h and w must be positive multiples of "
@@ -72,6 +88,28 @@ def build_vision_inputs(pixel_values: np.ndarray, grid_thw: np.ndarray, cfg: Vis
     if pixel_values.ndim != 2 or pixel_values.shape != (n, cfg.patch_dim):
         raise ValueError(f"pixel_values has shape {list(pixel_values.shape)}, but the grids "
                          f"{grid_thw.tolist()} need [{n}, {cfg.patch_dim}] (sum of t*h*w rows of C*T*p*p)")
+    return grid_thw
+
+
+def frame_sizes(grid_thw: np.ndarray) -> np.ndarray:
+    """Patches of each frame (t frames of h*w per grid), in order."""
+    grid_thw = np.asarray(grid_thw, np.int64).reshape(-1, 3)
+    return np.repeat(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0])
+
+
+def build_vision_inputs(pixel_values: np.ndarray, grid_thw: np.ndarray, cfg: VisionConfig,
+                        n_frames: int | None = None, frame_len: int | None = None) -> VisionInputs:
+    """Lay the images out frame-major: n_frames frames (default: as many as the grids have) of
+    frame_len rows (default: the largest frame), padding frames and rows after the real ones."""
+    pixel_values = np.asarray(pixel_values)
+    grid_thw = check_grids(pixel_values, grid_thw, cfg)
+    m, side = cfg.spatial_merge_size, int(round(cfg.num_position_embeddings**0.5))
+    sizes = frame_sizes(grid_thw)
+    n_frames = len(sizes) if n_frames is None else n_frames
+    frame_len = int(sizes.max()) if frame_len is None else frame_len
+    if len(sizes) > n_frames or sizes.max() > frame_len or frame_len % (m * m):
+        raise ValueError(f"{len(sizes)} frames of up to {sizes.max()} patches do not fit {n_frames} frames of "
+                         f"{frame_len} (a multiple of {m * m})")
 
     index, weight, rot = [], [], []
     for t, h, w in grid_thw:
@@ -82,57 +120,44 @@ def build_vision_inputs(pixel_values: np.ndarray, grid_thw: np.ndarray, cfg: Vis
         weight.append((h_w[:, :, None] * w_w[:, None, :]).reshape(-1, 4))
         rot.append(np.stack([row, col], axis=-1))
 
-    frame_sizes = np.repeat(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0])
-    n_frames, lmax = len(frame_sizes), int(frame_sizes.max())
-    starts = np.concatenate([[0], np.cumsum(frame_sizes)[:-1]])
-    slot = np.arange(lmax)
-    frame_valid = slot[None, :] < frame_sizes[:, None]
-    frame_gather = np.where(frame_valid, starts[:, None] + slot[None, :], 0)
-    patch_slot = (np.arange(n_frames)[:, None] * lmax + slot[None, :])[frame_valid]
+    rows = real_patch_rows(sizes, frame_len)
+
+    def place(packed, dtype):
+        out = np.zeros((n_frames * frame_len,) + packed.shape[1:], dtype)
+        out[rows] = packed
+        return out
+
+    lengths = np.zeros(n_frames, np.int32)
+    lengths[:len(sizes)] = sizes
     return VisionInputs(
-        pixel_values=pixel_values,
-        pos_index=np.concatenate(index).astype(np.int32),
-        pos_weight=np.concatenate(weight).astype(np.float32),
-        rot_pos=np.concatenate(rot).astype(np.int32),
-        frame_gather=frame_gather.astype(np.int32),
-        frame_valid=frame_valid,
-        patch_slot=patch_slot.astype(np.int32),
+        pixel_values=place(pixel_values, pixel_values.dtype),
+        pos_index=place(np.concatenate(index), np.int32),
+        pos_weight=place(np.concatenate(weight), np.float32),
+        rot_pos=place(np.concatenate(rot), np.int32),
+        frame_lengths=lengths,
     )
 
 
-def pad_vision_inputs(vis: VisionInputs, n_patches: int, n_frames: int, frame_len: int) -> VisionInputs:
-    """Pad to static shapes [n_patches], [n_frames, frame_len], so one compiled step serves a
-    whole bucket of image sizes. Padding patches are zero rows placed in padding frames of
-    their own (attention stays within a frame, so they never touch a real patch); their merged
-    tokens are dropped by the scatter into the text (see `pad_visual_index`)."""
-    n, (f, lmax) = vis.pixel_values.shape[0], vis.frame_gather.shape
-    pad = n_patches - n
-    pad_frames = -(-pad // frame_len) if pad else 0
-    if pad < 0 or lmax > frame_len or f + pad_frames > n_frames:
-        raise ValueError(f"vision inputs ({n} patches, {f} frames of up to {lmax}) do not fit the bucket "
-                         f"({n_patches} patches, {n_frames} frames of {frame_len})")
-    gather = np.zeros((n_frames, frame_len), np.int32)
-    valid = np.zeros((n_frames, frame_len), bool)
-    gather[:f, :lmax], valid[:f, :lmax] = vis.frame_gather, vis.frame_valid
-    extra = np.arange(pad)
-    gather[f + extra // frame_len, extra % frame_len] = n + extra
-    valid[f + extra // frame_len, extra % frame_len] = True
-    patch_slot = np.zeros(n_patches, np.int32)
-    frames, slots = np.nonzero(valid)
-    patch_slot[gather[frames, slots]] = frames * frame_len + slots
-
-    def grow(x):
-        return np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
-
-    return VisionInputs(
-        pixel_values=grow(np.asarray(vis.pixel_values)), pos_index=grow(vis.pos_index), pos_weight=grow(vis.pos_weight),
-        rot_pos=grow(vis.rot_pos), frame_gather=gather, frame_valid=valid, patch_slot=patch_slot,
-    )
+def real_patch_rows(sizes: np.ndarray, frame_len: int) -> np.ndarray:
+    """Row of each real patch (in processor order) in the frame-major layout."""
+    starts = np.arange(len(sizes)) * frame_len
+    return np.concatenate([s + np.arange(n) for s, n in zip(starts, sizes)]) if len(sizes) else np.zeros(0, np.int64)
 
 
-def pad_visual_index(visual_index: np.ndarray, n_merged: int, out_of_range: int) -> np.ndarray:
-    """Flat text positions of the merged visual tokens, padded with `out_of_range` (= B * T):
-    the scatters into the text use mode="drop", so padding tokens land nowhere."""
-    out = np.full(n_merged, out_of_range, np.int32)
-    out[: len(visual_index)] = visual_index
+def merged_rows(grid_thw: np.ndarray, frame_len: int, merge: int) -> np.ndarray:
+    """Row of each real merged token (the order HF emits them) among the F * L / merge^2 merged
+    rows the tower returns."""
+    return real_patch_rows(frame_sizes(grid_thw) // merge**2, frame_len // merge**2)
+
+
+def scatter_index(placeholders: np.ndarray, grid_thw: np.ndarray, frame_len: int, merge: int, n_frames: int,
+                  out_of_range: int) -> np.ndarray:
+    """For each of the tower's F * L / merge^2 merged rows, the flat text position (b * T + t)
+    its token replaces, in the order of `placeholders`; `out_of_range` (= B * T) for padding
+    rows, which the scatters into the text drop (mode="drop")."""
+    out = np.full(n_frames * frame_len // merge**2, out_of_range, np.int32)
+    rows = merged_rows(grid_thw, frame_len, merge)
+    if len(rows) != len(placeholders):
+        raise ValueError(f"{len(placeholders)} placeholder tokens for {len(rows)} merged visual tokens")
+    out[rows] = placeholders
     return out

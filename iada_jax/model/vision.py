@@ -3,8 +3,10 @@
 Mirrors `Qwen3VLVisionModel` and its parts (transformers 5.23.0). Parameter names follow the
 converter's layout (`convert/mapping.py`): blocks stacked [depth, ...], the DeepStack
 mergers stacked [K, ...], the Conv3d patch embedding as a matmul kernel. All images and
-frames of a batch are packed into one sequence of N patches; attention is per frame, on
-frames gathered into [F, Lmax] with a validity mask (memory F * Lmax^2, never N^2).
+frames of a batch are one sequence of F frames of L rows (data/vision_inputs.py: real patches
+first in each frame, padding after); attention is within a frame, over its real patches only
+(memory F * L^2, never N^2): XLA with a length mask, or cuDNN's fused kernel with the frames'
+lengths on a GPU.
 """
 
 from __future__ import annotations
@@ -48,10 +50,25 @@ def vision_cos_sin(rot_pos: Array, head_dim: int, theta: float) -> tuple[Array, 
     return jnp.cos(emb), jnp.sin(emb)
 
 
+def frame_attention(q: Array, k: Array, v: Array, lengths: Array, scale: float, implementation: str) -> Array:
+    """Non-causal attention within each frame: q/k/v [F, L, H, hd], a frame's rows past its
+    length are padding (read by nobody; their own outputs are meaningless)."""
+    if implementation == "cudnn":
+        # A padding frame (length 0) attends to its first row instead: finite, and dropped later.
+        lengths = jnp.maximum(lengths, 1)
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, query_seq_lengths=lengths,
+                                            key_value_seq_lengths=lengths, implementation="cudnn")
+    if implementation != "xla":
+        raise ValueError(f"unknown attention implementation {implementation!r}; use 'xla' or 'cudnn'")
+    valid = jnp.arange(q.shape[1])[None, :] < lengths[:, None]  # [F, L]
+    return jax.nn.dot_product_attention(q, k, v, mask=valid[:, None, None, :], scale=scale, implementation="xla")
+
+
 class VisionAttention(nn.Module):
     """Mirrors `Qwen3VLVisionAttention`: fused qkv, 2-D RoPE in float32, non-causal, per frame."""
 
     cfg: VisionConfig
+    implementation: str = "xla"
 
     @nn.compact
     def __call__(self, x: Array, cos: Array, sin: Array, vis: VisionInputs) -> Array:
@@ -65,12 +82,10 @@ class VisionAttention(nn.Module):
             return (t32 * cos[:, None] + rotate_half(t32) * sin[:, None]).astype(t.dtype)
 
         q, k = rope(q), rope(k)
-        frames = [a[vis.frame_gather] for a in (q, k, v)]  # [F, Lmax, H, hd]
-        out = jax.nn.dot_product_attention(
-            *frames, mask=vis.frame_valid[:, None, None, :], scale=c.head_dim**-0.5, implementation="xla"
-        )
-        out = out.reshape(-1, c.hidden_size)[vis.patch_slot]  # back to packed order [N, D]
-        return Dense(c.hidden_size, use_bias=True, name="proj")(out)
+        f = vis.frame_lengths.shape[0]
+        frames = [a.reshape(f, n // f, c.num_heads, c.head_dim) for a in (q, k, v)]  # [F, L, H, hd]
+        out = frame_attention(*frames, vis.frame_lengths, c.head_dim**-0.5, self.implementation)
+        return Dense(c.hidden_size, use_bias=True, name="proj")(out.reshape(n, c.hidden_size))
 
 
 class VisionMLP(nn.Module):
@@ -90,11 +105,12 @@ class VisionBlock(nn.Module):
     """
 
     cfg: VisionConfig
+    implementation: str = "xla"
 
     @nn.compact
     def __call__(self, carry, layer_index: Array, cos: Array, sin: Array, vis: VisionInputs):
         h, taps = carry
-        h = h + VisionAttention(self.cfg, name="attn")(LayerNorm(name="norm1")(h), cos, sin, vis)
+        h = h + VisionAttention(self.cfg, self.implementation, name="attn")(LayerNorm(name="norm1")(h), cos, sin, vis)
         h = h + VisionMLP(self.cfg, name="mlp")(LayerNorm(name="norm2")(h))
         tap_here = jnp.asarray(self.cfg.deepstack_visual_indexes) == layer_index  # [K]
         taps = jnp.where(tap_here[:, None, None], h[None], taps)
@@ -145,10 +161,13 @@ class PositionEmbedding(nn.Module):
 
 
 class VisionModel(nn.Module):
-    """Mirrors `Qwen3VLVisionModel.forward`: returns (merged [N/4, out], DeepStack [K, N/4, out])."""
+    """Mirrors `Qwen3VLVisionModel.forward`: returns (merged [N/4, out], DeepStack [K, N/4, out])
+    in the frame-major layout (padding rows included: `vision_inputs.merged_rows` picks the real
+    ones, the scatter into the text drops the rest)."""
 
     cfg: VisionConfig
     dtype: jnp.dtype = jnp.float32
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, vis: VisionInputs):
@@ -164,7 +183,7 @@ class VisionModel(nn.Module):
             split_rngs={"params": True},
             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
             length=c.depth,
-        )(c, name="blocks")
+        )(c, self.attention, name="blocks")
         taps = jnp.zeros((len(c.deepstack_visual_indexes),) + x.shape, x.dtype)
         (x, taps), _ = blocks((x, taps), jnp.arange(c.depth), cos, sin, vis)
 
