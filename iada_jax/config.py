@@ -269,7 +269,7 @@ def _vision_from_hf(v: dict[str, Any]) -> VisionConfig:
     )
 
 
-RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
+RematPolicy = Literal["none", "full", "qkv", "proj", "dots", "dots_no_batch"]  # model/text.py REMAT_POLICIES
 AttentionImpl = Literal["xla", "cudnn"]
 
 

@@ -14,6 +14,15 @@ At boundary n (after decoder layer n*S) and for each routing stream m:
 each position. The boundary states are kept in a preallocated buffer [N + 1, B, T, D]
 carried by the block scan: entry 0 is H_0, entry n is H_nS before injection.
 
+Memory linear in depth. Differentiating a scan saves what each iteration's backward needs:
+a read of the carried buffer would save the buffer at every boundary, N copies of N + 1
+states. The buffer is append-only, and a read at boundary n masks every entry past n, so the
+final buffer serves every boundary's backward. `read_memory` saves no buffer; its backward
+receives the final buffer through the cotangent of a `shadow` carry (threaded through every
+read, and handed the final buffer by `attach_memory` after the scan) and recomputes the read
+from it. Gradients are unchanged; the stored states are the buffer once (plus its shadow
+and its cotangent), not once per boundary.
+
 Parameters live in the `iada` collection and are shared by all boundaries. Streams are
 named "visual" and "text" (or "all" for shared routing); a stream's parameters sit under
 `query_<stream>`, `pool_<stream>`, `gate`.
@@ -26,6 +35,7 @@ w = b = 0 (the spec's sigmoid cannot start at exactly 0, and identity at init is
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -194,6 +204,51 @@ def depth_only_attention(q: Array, buffer: Array, depth_ok: Array, num_heads: in
     return jnp.einsum("bthn,nbthd->bthd", p, v).reshape(b, t, d)
 
 
+# ----------------------------------------------------------------------------- linear-memory reads
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def read_memory(read, q: Array, buffer: Array, shadow: Array, aux: tuple) -> tuple[Array, Array]:
+    """read(q, buffer, *aux) with a backward that saves no buffer: (output, shadow).
+
+    `read` must ignore the buffer entries past the current boundary (they are masked), so that
+    the final buffer, which the backward receives as the cotangent of `shadow`, gives the same
+    result. `aux` holds non-differentiable arrays (masks)."""
+    return read(q, buffer, *aux), shadow
+
+
+def _read_memory_fwd(read, q, buffer, shadow, aux):
+    return (read(q, buffer, *aux), shadow), (q, aux)
+
+
+def _read_memory_bwd(read, residuals, cotangents):
+    q, aux = residuals
+    g_out, final_buffer = cotangents  # the shadow's cotangent is the final buffer (attach_memory)
+    _, vjp = jax.vjp(lambda q, buffer: read(q, buffer, *aux), q, final_buffer)
+    g_q, g_buffer = vjp(g_out)
+    return g_q, g_buffer, final_buffer, jax.tree.map(lambda _: None, aux)
+
+
+read_memory.defvjp(_read_memory_fwd, _read_memory_bwd)
+
+
+@jax.custom_vjp
+def attach_memory(h: Array, shadow: Array, buffer: Array) -> Array:
+    """Identity on h; its backward hands the final buffer to the shadow carry (read_memory)."""
+    return h
+
+
+def _attach_memory_fwd(h, shadow, buffer):
+    return h, buffer
+
+
+def _attach_memory_bwd(buffer, g):
+    return g, buffer, None
+
+
+attach_memory.defvjp(_attach_memory_fwd, _attach_memory_bwd)
+
+
 # ----------------------------------------------------------------------------- modules
 
 
@@ -237,6 +292,8 @@ class DepthAggregation(nn.Module):
 
     `block_index` is 0-based, so this boundary's buffer entry is block_index + 1. Parameters
     are broadcast by the block scan: one set for all boundaries (per-block gates aside).
+    With `shadow` (the block scan passes it) the reads save no buffer for the backward
+    (`read_memory`) and the result is (h', buffer', shadow').
     """
 
     cfg: IadaConfig
@@ -247,7 +304,7 @@ class DepthAggregation(nn.Module):
     return_vectors: bool = False  # also return each stream's injected vector g * a [M, B, D] (decode cache)
 
     @nn.compact
-    def __call__(self, h: Array, buffer: Array, block_index: Array, masks: TokenMasks):
+    def __call__(self, h: Array, buffer: Array, block_index: Array, masks: TokenMasks, shadow: Array | None = None):
         c, d = self.cfg, self.hidden_size
         entry = block_index + 1
         buffer = jax.lax.dynamic_update_index_in_dim(buffer, h.astype(buffer.dtype), entry, axis=0)
@@ -291,11 +348,17 @@ class DepthAggregation(nn.Module):
             if q.ndim == 2:
                 q = q[:, None, :]  # one sequence-level query: [B, 1, D]
             if c.attend == "depth":
-                a = depth_only_attention(q, buffer, depth_ok, self.num_heads, self.eps)
+                read = functools.partial(depth_only_attention, num_heads=self.num_heads, eps=self.eps)
+                aux = (depth_ok,)
             else:
                 if causal:  # every position reads its own prefix, even with one shared (fixed) query
                     q = jnp.broadcast_to(q, h32.shape)
-                a = cross_depth_attention(q, buffer, depth_ok, readable[m], causal, self.num_heads, self.eps)
+                read = functools.partial(cross_depth_attention, causal=causal, num_heads=self.num_heads, eps=self.eps)
+                aux = (depth_ok, readable[m])
+            if shadow is None:
+                a = read(q, buffer, *aux)
+            else:  # the streams' reads are chained on the shadow: each receives the final buffer
+                a, shadow = read_memory(read, q, buffer, shadow, aux)
             g = gates[i]
             g = g.reshape(g.shape + (1,) * (3 - g.ndim)) if g.ndim else g  # [B] or [B, T] -> [B, 1|T, 1]
             delta = delta + jnp.where(inject[m][..., None], g * a, 0.0)
@@ -304,9 +367,8 @@ class DepthAggregation(nn.Module):
                     raise ValueError("return_vectors needs one injected vector per sequence (prompt scope, "
                                      "sequence granularity, attention over tokens)")
                 vectors.append((g * a)[:, 0])
-        if self.return_vectors:
-            return h + delta.astype(h.dtype), buffer, jnp.stack(vectors)
-        return h + delta.astype(h.dtype), buffer
+        out = (h + delta.astype(h.dtype), buffer) + (() if shadow is None else (shadow,))
+        return out + (jnp.stack(vectors),) if self.return_vectors else out
 
     def _gates(self, contexts: dict, block_index: Array) -> list[Array]:
         """One gate per stream: a scalar, this boundary's scalar, or tanh(w . c + b) per sample

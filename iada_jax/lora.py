@@ -53,6 +53,30 @@ def init_lora_variables(key: Array, layers: dict, cfg: LoraConfig) -> dict:
     return out
 
 
+def _mix32(x: Array) -> Array:
+    """A 32-bit integer hash with full avalanche (the "lowbias32" finaliser of C. Wellons)."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = x * jnp.uint32(0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def dropout_keep_mask(key: Array, shape: tuple[int, ...], rate: float) -> Array:
+    """Bernoulli(1 - rate) keep mask, drawn once: one 32-bit seed from `key`, then a hash of
+    (seed, element index). Inside a rematerialised layer the backward recomputes the mask as
+    part of the elementwise multiply it feeds (a few integer operations per element, fused),
+    with no second random-number kernel and no mask kept in memory."""
+    seed = _mix32(jax.random.bits(key, (), jnp.uint32))
+    index = jnp.zeros(shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(len(shape))):  # the flat element index, modulo 2^32
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride % 2**32)
+        stride *= shape[axis]
+    bits = _mix32(index * jnp.uint32(0x9E3779B9) + seed)
+    return bits >= jnp.uint32(min(int(rate * 2**32), 2**32 - 1))
+
+
 def lora_delta(module: nn.Module, x: Array, features: int, cfg: LoraConfig, deterministic: bool) -> Array:
     """The low-rank update of `module` (a Dense being built) for input x [..., in].
 
@@ -63,7 +87,7 @@ def lora_delta(module: nn.Module, x: Array, features: int, cfg: LoraConfig, dete
     a = module.variable(COLLECTION, "lora_A", lambda: init_lora_a(module.make_rng("params"), shape_a, cfg)).value
     b = module.variable(COLLECTION, "lora_B", lambda: jnp.zeros((cfg.r, features), jnp.float32)).value
     if cfg.lora_dropout > 0.0 and not deterministic:
-        keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - cfg.lora_dropout, x.shape)
+        keep = dropout_keep_mask(module.make_rng("dropout"), x.shape, cfg.lora_dropout)
         x = jnp.where(keep, x / (1.0 - cfg.lora_dropout), 0).astype(x.dtype)
     low = jnp.einsum("...i,ir->...r", x, a.astype(x.dtype))
     return jnp.einsum("...r,ro->...o", low, b.astype(x.dtype)) * jnp.asarray(cfg.scaling, x.dtype)

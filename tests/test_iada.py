@@ -457,3 +457,41 @@ def test_bfloat16_forward_with_iada_stays_close_to_float32(model):
     err = np.abs(bf16[mask] - f32[mask])
     print(f"[IADA bf16 vs f32] max {err.max():.3f}, mean {err.mean():.4f}, logit scale {np.abs(f32[mask]).max():.1f}")
     assert np.isfinite(bf16).all() and err.mean() < 0.02 * np.abs(f32[mask]).max()
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def _gradient_temp_states(exp_name: str, n_blocks: int) -> float:
+    """XLA's compiled temporary memory of the loss gradient (full remat, float32), in units of
+    one block state [B, T, D], for a model of n_blocks IADA boundaries (block size 1)."""
+    from convert.random_init import random_params
+    from iada_jax.train.loss import next_token_loss
+
+    b, t = 2, 64
+    cfg = iada_jax.Qwen3VLConfig.tiny(num_hidden_layers=n_blocks)
+    fwd = ForwardConfig(block_size=1, remat="full")
+    exp = get_experiment(exp_name, block_size=1)
+    params = jax.eval_shape(lambda: random_params(cfg, "float32"))
+    adapters = jax.eval_shape(lambda p: init_adapters(jax.random.PRNGKey(0), p, cfg=cfg, fwd=fwd, lora=exp.lora,
+                                                      iada=exp.iada), params)
+    ids = jnp.zeros((b, t), jnp.int32)
+    batch = Batch(input_ids=ids, attention_mask=jnp.ones_like(ids), position_ids=jnp.zeros((3, b, t), jnp.int32),
+                  loss_mask=jnp.ones_like(ids))
+
+    def loss(a, p):
+        return next_token_loss(forward(p, batch, cfg=cfg, fwd=fwd, lora=exp.lora, iada=exp.iada, adapters=a)[0], batch)[0]
+
+    compiled = jax.jit(jax.grad(loss)).lower(adapters, params).compile()
+    return compiled.memory_analysis().temp_size_in_bytes / (b * t * cfg.text.hidden_size * 4)
+
+
+def test_stored_boundary_states_grow_linearly_with_depth():
+    """IADA's extra gradient memory (over LoRA-only) at N = 2, 4, 8 boundaries: the buffer of
+    N + 1 states, its shadow and its cotangent, about 3 (N + 1); never a buffer per boundary
+    (before iada.read_memory: 11, 29 and 98 states, quadratic)."""
+    extra = {n: _gradient_temp_states("D_iada_lora", n) - _gradient_temp_states("B_lora", n) for n in (2, 4, 8)}
+    print("[iada memory] extra block states:", {n: round(v, 1) for n, v in extra.items()})
+    for n, states in extra.items():
+        assert states <= 3 * (n + 1), extra
+    assert extra[8] - extra[4] <= 1.5 * 2 * (extra[4] - extra[2]) + 2, extra  # linear increments, not growing

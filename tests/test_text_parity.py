@@ -69,7 +69,9 @@ def test_padding_does_not_change_a_samples_logits(models, side):
     batched = ours.logits(ids, mask)
     short = ids[1][mask[1] == 1][None]
     alone = ours.logits(short)
-    np.testing.assert_allclose(valid(batched[1:], mask[1:]), alone[0], atol=1e-5)
+    # float32 through 4 layers in two batch shapes (different XLA CPU matmul tilings): CI saw
+    # 1.7e-5 on a logit of -22.06 (7.8e-7 relative) and 1.1e-5 on one of 0.0997.
+    np.testing.assert_allclose(valid(batched[1:], mask[1:]), alone[0], atol=2e-5, rtol=1e-6)
 
 
 def test_block_size_does_not_change_logits(models, tiny_hf):
@@ -83,7 +85,7 @@ def test_block_size_does_not_change_logits(models, tiny_hf):
         iada_jax.Qwen3VL(ours.config, ours.params, ForwardConfig(block_size=4))
 
 
-@pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch"])
+@pytest.mark.parametrize("policy", ["full", "qkv", "proj", "dots", "dots_no_batch"])
 def test_remat_policies_keep_values_and_gradients(models, policy):
     ours, _ = models["tied_gqa"]
     batch = ours.make_batch(random_ids(np.random.default_rng(4), 2, 6))

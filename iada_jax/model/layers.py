@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from jax.ad_checkpoint import checkpoint_name
 
 from iada_jax.config import LoraConfig
 from iada_jax.lora import lora_delta
@@ -47,7 +48,8 @@ class Dense(nn.Module):
             y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(x.dtype)
         if self.lora is not None:
             y = y + lora_delta(self, x, self.features, self.lora, self.deterministic)
-        return y
+        # Named, so a rematerialisation policy can keep it (model/text.py REMAT_POLICIES).
+        return checkpoint_name(y, self.name) if self.name else y
 
 
 class Embed(nn.Module):

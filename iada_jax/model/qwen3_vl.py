@@ -35,7 +35,7 @@ class LanguageModelWrapper(nn.Module):
 
     def setup(self):
         self.language_model = TextModel(self.cfg.text, self.fwd, self.keep_hidden, self.adapters, self.cache_mode)
-        self.visual = VisionModel(self.cfg.vision, jnp.dtype(self.fwd.dtype))
+        self.visual = VisionModel(self.cfg.vision, jnp.dtype(self.fwd.dtype), self.fwd.attention)
 
     def vision_features(self, batch: Batch):
         """(merged [Nv, D], DeepStack [K, Nv, D]) of the batch's images and videos, frozen."""
@@ -69,11 +69,13 @@ class Qwen3VLForConditionalGeneration(nn.Module):
     keep_hidden: bool = False
     adapters: Adapters = NO_ADAPTERS
     cache_mode: str = "none"
+    logits: bool = True  # False: return the final normed hidden states instead (the loss head's input)
 
     @nn.compact
     def __call__(self, batch: Batch, cache: KVCache | None = None):
         """Returns (logits [B, T, V] in the compute dtype, hidden states or None), or with a
-        cache (cache_mode prefill/decode) (logits, the updated cache).
+        cache (cache_mode prefill/decode) (logits, the updated cache). With logits=False the
+        first value is the final normed hidden state [B, T, D] (`lm_head_weight` projects it).
 
         hidden states, when `keep_hidden`: [L + 1, B, T, D] = the embeddings, then the
         output of each decoder layer (the last one before the final norm).
@@ -81,7 +83,9 @@ class Qwen3VLForConditionalGeneration(nn.Module):
         model = LanguageModelWrapper(self.cfg, self.fwd, self.keep_hidden, self.adapters, self.cache_mode,
                                      name="model")
         h, embeds, hidden, cache = model(batch, cache)
-        if self.cfg.tie_word_embeddings:
+        if not self.logits:
+            logits = h
+        elif self.cfg.tie_word_embeddings:
             logits = model.tied_head(h)
         else:
             logits = Dense(self.cfg.text.vocab_size, name="lm_head")(h)
@@ -90,6 +94,14 @@ class Qwen3VLForConditionalGeneration(nn.Module):
         if hidden is not None:
             hidden = jnp.concatenate([embeds[None], hidden], axis=0)
         return logits, hidden
+
+
+def lm_head_weight(params: dict, cfg: Qwen3VLConfig) -> tuple[jax.Array, str]:
+    """The output projection and its layout: the tied embedding [V, D] ("vd") or lm_head's
+    kernel [D, V] ("dv"); logits = h @ it (as `chunked_next_token_nll` takes it)."""
+    if cfg.tie_word_embeddings:
+        return params["model"]["language_model"]["embed_tokens"]["embedding"], "vd"
+    return params["lm_head"]["kernel"], "dv"
 
 
 def vision_features(params: dict, batch: Batch, *, cfg: Qwen3VLConfig, fwd: ForwardConfig):
@@ -142,11 +154,13 @@ def _adapters(lora: LoraConfig | None, iada: IadaConfig | None, fwd: ForwardConf
 
 def forward(params: dict, batch: Batch, *, cfg: Qwen3VLConfig, fwd: ForwardConfig, keep_hidden: bool = False,
             lora: LoraConfig | None = None, iada: IadaConfig | None = None, adapters: dict | None = None,
-            dropout_rng: jax.Array | None = None):
+            dropout_rng: jax.Array | None = None, logits: bool = True):
     """Pure forward over storage-layout params (and adapter variables). Jit with cfg, fwd,
-    keep_hidden, lora and iada static. LoRA dropout runs iff `dropout_rng` is given."""
+    keep_hidden, lora, iada and logits static. LoRA dropout runs iff `dropout_rng` is given.
+    logits=False returns the final normed hidden states [B, T, D] in place of the logits."""
     fwd.check(cfg.text)
-    module = Qwen3VLForConditionalGeneration(cfg, fwd, keep_hidden, _adapters(lora, iada, fwd, dropout_rng is None))
+    module = Qwen3VLForConditionalGeneration(cfg, fwd, keep_hidden, _adapters(lora, iada, fwd, dropout_rng is None),
+                                             logits=logits)
     rngs = {} if dropout_rng is None else {"dropout": dropout_rng}
     return module.apply(module_variables(params, adapters, fwd), batch, rngs=rngs)
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from iada_jax.config import ForwardConfig, IadaConfig, LoraConfig, TextConfig
-from iada_jax.iada import DepthAggregation, TokenMasks, stream_mask
+from iada_jax.iada import DepthAggregation, TokenMasks, attach_memory, stream_mask
 from iada_jax.model.layers import (
     Dense,
     Embed,
@@ -149,9 +149,17 @@ class DecoderLayer(nn.Module):
         return h, (h if self.keep_hidden else None, cache)
 
 
-_REMAT_POLICIES = {
-    "full": None,  # save nothing, recompute the whole layer
-    "dots": jax.checkpoint_policies.checkpoint_dots,
+# Rematerialisation of a decoder layer, by name: what its backward keeps of the forward (the
+# layer input is always kept, by the scan). Every Dense tags its output with its own name.
+_save = jax.checkpoint_policies.save_only_these_names
+REMAT_POLICIES = {
+    "full": None,  # keep nothing: the backward recomputes the whole layer
+    # the q/k/v projections: the recompute redoes o_proj, the attention core and the MLP
+    "qkv": _save("q_proj", "k_proj", "v_proj"),
+    # every projection the recompute would redo (down_proj's output only feeds the next layer,
+    # whose input the scan keeps): norms, RoPE, the attention core and activations are recomputed
+    "proj": _save("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"),
+    "dots": jax.checkpoint_policies.checkpoint_dots,  # every matmul, the attention logits included
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
@@ -165,20 +173,21 @@ _SPLIT_RNGS = {"params": True, "dropout": True, "iada": False}
 def _remat(cls, fwd: ForwardConfig):
     if fwd.remat == "none":
         return cls
-    if fwd.remat not in _REMAT_POLICIES:
-        raise ValueError(f"unknown remat policy {fwd.remat!r}; use one of {sorted(_REMAT_POLICIES)} or 'none'")
+    if fwd.remat not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {fwd.remat!r}; use one of {sorted(REMAT_POLICIES)} or 'none'")
     # prevent_cse=False is safe (and faster) under scan, per the jax.checkpoint docs.
-    return nn.remat(cls, policy=_REMAT_POLICIES[fwd.remat], prevent_cse=False)
+    return nn.remat(cls, policy=REMAT_POLICIES[fwd.remat], prevent_cse=False)
 
 
 class Block(nn.Module):
     """S consecutive decoder layers as an inner scan, then IADA at the boundary.
 
-    Scan signature: ((h, buffer), (layer_index [S], block_index, cache, vectors), ctx)
-    -> ((h, buffer), (hidden, cache, vectors)). buffer is the [N + 1, B, T, D] store of boundary
-    states (None without IADA); cache the block's KV cache [S, ...] (None without one).
-    cache_mode "prefill" also returns IADA's injected vectors [M, B, D]; "decode" adds the
-    prefill's vectors instead of running the operator (iada_jax/model/kv_cache.py).
+    Scan signature: ((h, buffer, shadow), (layer_index [S], block_index, cache, vectors), ctx)
+    -> ((h, buffer, shadow), (hidden, cache, vectors)). buffer is the [N + 1, B, T, D] store of
+    boundary states and shadow its twin that carries the final buffer to the reads' backward
+    (iada.read_memory; both None without IADA); cache the block's KV cache [S, ...] (None
+    without one). cache_mode "prefill" also returns IADA's injected vectors [M, B, D]; "decode"
+    adds the prefill's vectors instead of running the operator (iada_jax/model/kv_cache.py).
     """
 
     cfg: TextConfig
@@ -189,7 +198,7 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, carry, xs, ctx: LayerContext):
-        h, buffer = carry
+        h, buffer, shadow = carry
         layer_index, block_index, cache, vectors = xs
         layers = nn.scan(
             _remat(DecoderLayer, self.fwd),
@@ -206,16 +215,18 @@ class Block(nn.Module):
                       for i, m in enumerate(iada_cfg.streams))
             h = h + add.astype(h.dtype)
         elif iada_cfg is not None:
-            iada = _remat(DepthAggregation, self.fwd)(
+            # Not rematerialised: its own residuals are O(B T D) per boundary, and the reads
+            # save no buffer (remat would save its inputs, the buffer among them, per boundary).
+            iada = DepthAggregation(
                 iada_cfg, self.cfg.hidden_size, self.cfg.num_attention_heads,
                 self.cfg.num_hidden_layers // self.fwd.block_size, self.cfg.rms_norm_eps,
                 return_vectors=self.cache_mode == "prefill", name="iada",
             )
+            out = iada(h, buffer, block_index, ctx.token_masks, shadow)
+            h, buffer, shadow = out[:3]
             if self.cache_mode == "prefill":
-                h, buffer, vectors = iada(h, buffer, block_index, ctx.token_masks)
-            else:
-                h, buffer = iada(h, buffer, block_index, ctx.token_masks)
-        return (h, buffer), (hidden, cache, vectors)
+                vectors = out[3]
+        return (h, buffer, shadow), (hidden, cache, vectors)
 
 
 class TextModel(nn.Module):
@@ -271,15 +282,18 @@ class TextModel(nn.Module):
         )
         layer_index = jnp.arange(c.num_hidden_layers, dtype=jnp.int32).reshape(n_blocks, self.fwd.block_size)
         block_index = jnp.arange(n_blocks, dtype=jnp.int32)
-        buffer = None
+        buffer = shadow = None
         if self.adapters.iada is not None:
             if token_masks is None:
                 raise ValueError("IADA needs token_masks (streams and scope of every token)")
             if self.cache_mode != "decode":
                 # Boundary states H_0, H_S, ..., H_NS; entry 0 is the input embeddings.
                 buffer = jnp.zeros((n_blocks + 1,) + inputs_embeds.shape, inputs_embeds.dtype).at[0].set(inputs_embeds)
-        (h, _), (hidden, layer_cache, vectors) = self.blocks(
-            (inputs_embeds, buffer), (layer_index, block_index, layer_cache, vectors), ctx)
+                shadow = jnp.zeros_like(buffer)
+        (h, buffer, shadow), (hidden, layer_cache, vectors) = self.blocks(
+            (inputs_embeds, buffer, shadow), (layer_index, block_index, layer_cache, vectors), ctx)
+        if shadow is not None:
+            h = attach_memory(h, shadow, buffer)
         if hidden is not None:
             hidden = hidden.reshape((c.num_hidden_layers,) + hidden.shape[2:])
         if cache is not None:
