@@ -12,7 +12,8 @@ Cases, most important first (a 2B step can take a minute or more to compile):
   step-*         the training step at Qwen3-VL-2B dimensions, random weights, sequence 2048:
                  ours D_iada_lora and B_lora, then transformers + PEFT B_lora (SDPA, gradient
                  checkpointing, bf16); micro-batch 8 text-only, then one 448x448 image per
-                 sample, then micro-batch 16; then ours with cuDNN attention (bench/train_step.py)
+                 sample, then micro-batch 16; then ours with cuDNN attention, and with the
+                 remat policy that keeps the q/k/v projections (bench/train_step.py)
   train.py       train.py itself for about a minute on a random full-size checkpoint and
                  generated data: the loop, the loader and the host, against the bare step
 
@@ -82,6 +83,7 @@ def plan(cpu: bool) -> list[CaseSpec]:
         _step("step-B-b16-text", "jax", "B_lora", 16, 0, 90, 300),
         _step("step-torch-B-b16-text", "torch", "B_lora", 16, 0, 60, 240),
         _step("step-D-b8-text-cudnn", "jax", "D_iada_lora", 8, 0, 90, 300, "--attention", "cudnn"),
+        _step("step-D-b8-text-qkv", "jax", "D_iada_lora", 8, 0, 90, 300, "--remat", "qkv"),
     ]
 
 
@@ -340,22 +342,25 @@ def _fmt(x, spec):
 def ratios(rows: list[dict]) -> dict[str, float]:
     """Our tokens/s over the PyTorch LoRA baseline's at the same shape (PyTorch has no trainable
     IADA: B_lora is the baseline of every experiment), and IADA's share (D over B, minus 1)."""
-    steps = {(r["stack"], r["exp"], r["seq"], r["images"], r["batch"], r.get("attention", "xla")): r
-             for r in rows if r.get("kind") == "step" and r.get("status") == "ok"}
+    def key(r):
+        return (r["stack"], r["exp"], r["seq"], r["images"], r["batch"], r.get("attention", "xla"), r.get("remat", "full"))
+
+    steps = {key(r): r for r in rows if r.get("kind") == "step" and r.get("status") == "ok"}
     out = {}
-    for (stack, exp, seq, images, batch, attention), r in steps.items():
+    for (stack, exp, seq, images, batch, attention, remat), r in steps.items():
         if stack != "jax":
             continue
-        shape = f"seq {seq} img {images} b{batch}" + ("" if attention == "xla" else f" {attention}")
-        torch_row = steps.get(("torch", "B_lora", seq, images, batch, "xla"))
+        shape = (f"seq {seq} img {images} b{batch}" + ("" if attention == "xla" else f" {attention}")
+                 + ("" if remat == "full" else f" remat {remat}"))
+        torch_row = steps.get(("torch", "B_lora", seq, images, batch, "xla", "full"))
         if torch_row:
             out[f"{exp} / torch B_lora tokens/s, {shape}"] = r["tokens_per_s"] / torch_row["tokens_per_s"]
-        lora = steps.get(("jax", "B_lora", seq, images, batch, attention))
+        lora = steps.get(("jax", "B_lora", seq, images, batch, attention, remat))
         if exp != "B_lora" and lora:
             out[f"{exp} step time over B_lora - 1 (IADA's share), {shape}"] = r["step_s"] / lora["step_s"] - 1
     for r in rows:
         if r.get("kind") == "train_py" and r.get("status") == "ok":
-            bare = steps.get(("jax", r["exp"], r["seq"], r["images"], r["batch"], "xla"))
+            bare = steps.get(("jax", r["exp"], r["seq"], r["images"], r["batch"], "xla", "full"))
             if bare:
                 out["train.py padded tokens/s over the bare step's"] = r["padded_tokens_per_s"] / bare["tokens_per_s"]
     return out
@@ -375,14 +380,14 @@ def markdown(rows: list[dict], budget_s: float, cpu: bool) -> str:
     steps = [r for r in rows if r.get("kind") == "step" and r.get("status") == "ok"]
     if steps:
         torch_by_shape = {(r["seq"], r["images"], r["batch"]): r for r in steps if r["stack"] == "torch"}
-        lines += ["| device | stack | exp | seq | img | batch | attention | step s | tokens/s | vs torch | TFLOP/s | "
-                  "MFU | peak GiB | compiled GiB | compile s |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["| device | stack | exp | seq | img | batch | attention | remat | step s | tokens/s | vs torch | "
+                  "TFLOP/s | MFU | peak GiB | compiled GiB | compile s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in steps:
             base = torch_by_shape.get((r["seq"], r["images"], r["batch"]))
             vs = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base and r["stack"] == "jax" else ""
             lines.append(f"| {r['device']} | {r['stack']} | {r['exp']} | {r['seq']} | {r['images']} | {r['batch']} | "
-                         f"{r.get('attention')} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {vs} | "
+                         f"{r.get('attention')} | {r.get('remat', 'full')} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {vs} | "
                          f"{r['model_tflops']:.1f} | {_fmt(r.get('mfu'), '.1%')} | {_fmt(r.get('peak_gib'), '.1f')} | "
                          f"{_fmt(r.get('compiled_total_gib'), '.1f')} | {_fmt(r.get('compile_s'), '.0f')} |")
         lines.append("")

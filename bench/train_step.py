@@ -170,7 +170,7 @@ def measure_jax(cfg, case: Case, args) -> dict:
     def optimizer_step(state):
         for _ in range(case.grad_accum):
             state, metrics = compiled(state, frozen, batch, key)
-        jax.block_until_ready(metrics["loss"])
+        jax.block_until_ready(metrics["nll_sum"])
         return state, metrics
 
     t0 = time.perf_counter()
@@ -184,8 +184,9 @@ def measure_jax(cfg, case: Case, args) -> dict:
         state, metrics = optimizer_step(state)
         times.append((time.perf_counter() - t0) / case.grad_accum)
     adapter_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["trainable"]))
+    loss = float(metrics["nll_sum"]) / max(float(metrics["tokens"]), 1.0)
     return _summary("jax", cfg, case, times, adapter_params, args, compile_s=compile_s, first_step_s=first_s,
-                    loss=float(metrics["loss"]), peak_gib=_device_peak_gib(), **memory)
+                    loss=loss, peak_gib=_device_peak_gib(), **memory)
 
 
 # ----------------------------------------------------------------------------- PyTorch

@@ -62,7 +62,7 @@ def test_the_report_has_the_table_ratios_and_logs(cpu_run):
 
 def _fake_step(stack, exp, batch, tokens_per_s, step_s, images=0):
     return dict(kind="step", status="ok", stack=stack, exp=exp, seq=2048, images=images, batch=batch,
-                attention="xla", tokens_per_s=tokens_per_s, step_s=step_s, model_tflops=1.0, device="H200")
+                attention="xla", remat="full", tokens_per_s=tokens_per_s, step_s=step_s, model_tflops=1.0, device="H200")
 
 
 def test_ratios_compare_same_shapes_only():
@@ -73,7 +73,7 @@ def test_ratios_compare_same_shapes_only():
     assert r["B_lora / torch B_lora tokens/s, seq 2048 img 0 b8"] == pytest.approx(1.55)
     assert r["D_iada_lora step time over B_lora - 1 (IADA's share), seq 2048 img 0 b8"] == pytest.approx(0.03)
     assert not any("b16" in k for k in r)  # no baseline at micro-batch 16
-    assert "| H200 | jax | D_iada_lora | 2048 | 0 | 8 | xla | 1.030 | 3000 | 1.50x |" in device_run.markdown(
+    assert "| H200 | jax | D_iada_lora | 2048 | 0 | 8 | xla | full | 1.030 | 3000 | 1.50x |" in device_run.markdown(
         rows, 510, cpu=False)
 
 

@@ -30,7 +30,14 @@ from iada_jax.experiments import get_experiment
 from iada_jax.train.checkpoints import RunCheckpoints
 from iada_jax.train.metrics import MetricsWriter, plot_loss
 from iada_jax.train.optimizer import OptimizerConfig
-from iada_jax.train.sharding import initialize_distributed, make_mesh, param_shardings, place_batch, replicated
+from iada_jax.train.sharding import (
+    initialize_distributed,
+    make_mesh,
+    param_shardings,
+    place_batch,
+    replicated,
+    to_host,
+)
 from iada_jax.train.step import TrainProgram
 
 
@@ -55,8 +62,9 @@ class TrainConfig:
     seed: int = 0
     dtype: str = "bfloat16"  # compute; trainable params and optimizer state stay float32
     param_dtype: str = "bfloat16"  # the frozen base
-    remat: str = "full"
+    remat: str = "full"  # rematerialisation policy of a decoder layer (config.REMAT_POLICIES)
     attention: str = "xla"
+    loss_chunk: int = 1024  # tokens per chunk of the loss head (logits [chunk, vocab] at a time)
     block_size: int | None = None  # IADA block size S (default: the experiment's, 4)
     mesh_data: int = -1
     mesh_fsdp: int = 1
@@ -123,12 +131,21 @@ def _start_from(trainable: dict, start, where: str) -> dict:
     return out
 
 
-def _load(cfg: TrainConfig, log):
+def _load(cfg: TrainConfig, mesh, log):
+    """The model with its base weights read a leaf at a time straight onto the mesh (each device
+    receives only its shards; no full copy on one device), its tokenizer and image processing."""
     from transformers import AutoTokenizer
 
+    from iada_jax.config import param_dtype
     from iada_jax.pretrained import load_pretrained
 
-    model = load_pretrained(cfg.model, dtype=cfg.param_dtype)
+    dtype = param_dtype(cfg.param_dtype)
+
+    def place(config, params):
+        shardings = param_shardings(params, config, mesh)
+        return jax.tree.map(lambda x, s: jax.device_put(np.asarray(x).astype(dtype, copy=False), s), params, shardings)
+
+    model = load_pretrained(cfg.model, dtype=cfg.param_dtype, place=place)
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     except Exception as e:
@@ -149,14 +166,14 @@ def fit(cfg: TrainConfig, log=print) -> dict:
                             "or choose another --out")
     os.makedirs(cfg.out, exist_ok=True)
     exp, start = _experiment(cfg)
-    model, tokenizer, image_config = _load(cfg, log)
+    mesh = make_mesh(cfg.mesh_data, cfg.mesh_fsdp)
+    if cfg.batch_size % mesh.size:
+        raise TrainingError(f"batch_size={cfg.batch_size} is not a multiple of the {mesh.size} devices of the mesh")
+    model, tokenizer, image_config = _load(cfg, mesh, log)
     mcfg = model.config
     block = exp.iada.block_size if exp.iada is not None else model.fwd.block_size
     fwd = ForwardConfig(block_size=block, remat=cfg.remat, attention=cfg.attention, dtype=cfg.dtype)
     fwd.check(mcfg.text)
-    mesh = make_mesh(cfg.mesh_data, cfg.mesh_fsdp)
-    if cfg.batch_size % mesh.size:
-        raise TrainingError(f"batch_size={cfg.batch_size} is not a multiple of the {mesh.size} devices of the mesh")
 
     data = SFTData(DataConfig(path=cfg.data, max_length=cfg.max_length, batch_size=cfg.batch_size,
                               buckets=cfg.buckets, max_images=cfg.max_images, seed=cfg.seed,
@@ -168,9 +185,9 @@ def fit(cfg: TrainConfig, log=print) -> dict:
     opt_cfg = OptimizerConfig(lora_lr=cfg.lora_lr, iada_lr=cfg.iada_lr, schedule=cfg.schedule,
                               warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
                               max_grad_norm=cfg.max_grad_norm)
-    program = TrainProgram(mcfg, exp, fwd, opt_cfg, total_steps, cfg.grad_accum)
+    program = TrainProgram(mcfg, exp, fwd, opt_cfg, total_steps, cfg.grad_accum, cfg.loss_chunk)
 
-    frozen = {"params": jax.device_put(model.params, param_shardings(model.params, mcfg, mesh))}
+    frozen = {"params": model.params}  # already on the mesh
     trainable = program.new_adapters(jax.random.PRNGKey(cfg.seed), model.params)
     if start is not None:
         trainable = _start_from(trainable, start, cfg.init_adapters)
@@ -194,7 +211,18 @@ def fit(cfg: TrainConfig, log=print) -> dict:
     return _loop(cfg, data, state, frozen, program, mesh, ckpts, position, total_steps, log)
 
 
+class _Pending:
+    """An optimizer step dispatched to the device whose metrics are not read yet."""
+
+    def __init__(self, step: int, epoch: int, micro: list[dict], tokens: int):
+        self.step, self.epoch, self.micro, self.tokens = step, epoch, micro, tokens
+
+
 def _loop(cfg, data, state, frozen, program: TrainProgram, mesh, ckpts, position, total_steps, log):
+    """Metrics are read one optimizer step late: step k's loss is read once step k + 1 is queued
+    on the device, so the device never waits for the host. Before a checkpoint the step's own
+    metrics are read first (a sync, at save steps only): a checkpoint never holds a step whose
+    loss was not finite, and a NaN stops the run naming the step that produced it."""
     from tqdm import tqdm
 
     key = jax.random.PRNGKey(cfg.seed + 1)
@@ -205,68 +233,75 @@ def _loop(cfg, data, state, frozen, program: TrainProgram, mesh, ckpts, position
         signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
     except ValueError:  # not the main thread: no handler
         previous = None
-    step = start_step = int(state["step"])
+    step = start_step = int(to_host(state["step"]))
     bar = tqdm(total=total_steps, initial=step, disable=not cfg.progress or jax.process_index() != 0,
                dynamic_ncols=True)
-    window = {"loss": [], "tokens": 0, "t0": time.perf_counter()}
     last_saved = step if cfg.resume else None
     summary = {"run_dir": cfg.out, "skipped": dict(data.skipped), "losses": []}
+    clock = {"read": time.perf_counter()}
+
+    def report(p: _Pending) -> None:
+        """Read a step's metrics (waits for that step only), check them, log them."""
+        nll = sum(float(to_host(m["nll_sum"])) for m in p.micro)
+        count = sum(float(to_host(m["tokens"])) for m in p.micro)
+        loss, grad_norm = nll / max(count, 1.0), float(to_host(p.micro[-1]["grad_norm"]))
+        now = time.perf_counter()
+        elapsed, clock["read"] = now - clock["read"], now
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            kept = ckpts.latest_step()
+            raise TrainingError(f"loss is {loss} (gradient norm {grad_norm}) at step {p.step} (data epoch {p.epoch}); "
+                                f"stopping. The last good checkpoint is "
+                                f"{'step ' + str(kept) if kept is not None else 'none'}; lower the learning "
+                                "rates or check that step's data")
+        record = {"loss": loss, "grad_norm": grad_norm, "supervised_tokens": count,
+                  "tokens_per_s": p.tokens / max(elapsed, 1e-9), "step_s": elapsed, "epoch": p.epoch}
+        for c, lr in program.learning_rates(p.step - 1).items():
+            record[f"lr_{c}"] = lr
+        if "iada_gate" in p.micro[-1]:
+            record["iada_gate"] = to_host(p.micro[-1]["iada_gate"]).reshape(-1).tolist()
+        writer.write(p.step, record)
+        summary["losses"].append(loss)
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        bar.update(1)
 
     def save(at_step, pos):
         ckpts.save(at_step, state, {"position": list(pos), "step": at_step})
         return at_step
 
+    pending: _Pending | None = None
+    micro: list[dict] = []
+    tokens = 0
+    next_pos = position
     batches = data.iterate(start=position)
     try:
         for pos, batch in batches:
             if step >= total_steps:
                 break
-            device_batch = place_batch(batch, mesh)
-            state, metrics = program.step(state, frozen, device_batch, key)
-            loss = float(metrics["loss"])
-            next_pos = (pos[0], pos[1] + 1)
-            if not math.isfinite(loss):
-                where = f"step {step}, data epoch {pos[0]} batch {pos[1]}"
-                kept = ckpts.latest_step()
-                raise TrainingError(f"loss is {loss} at {where}; stopping. The last good checkpoint is "
-                                    f"{'step ' + str(kept) if kept is not None else 'none'}; lower the learning "
-                                    "rates or check that batch's data")
-            window["loss"].append(loss)
-            window["tokens"] += int(np.asarray(batch.attention_mask).sum())
-            if not bool(metrics["applied"]):
+            state, metrics = program.step(state, frozen, place_batch(batch, mesh), key)
+            micro.append(metrics)
+            tokens += int(np.asarray(batch.attention_mask).sum())  # host data: no device read
+            if len(micro) < cfg.grad_accum:
                 continue
             step += 1
-            elapsed = time.perf_counter() - window["t0"]
-            record = {
-                "loss": float(np.mean(window["loss"])),
-                "grad_norm": float(metrics["grad_norm"]),
-                "tokens_per_s": window["tokens"] / max(elapsed, 1e-9),
-                "step_s": elapsed,
-                "epoch": pos[0],
-            }
-            for c, lr in program.learning_rates(step - 1).items():
-                record[f"lr_{c}"] = lr
-            gate = state["trainable"].get("iada", {}).get("gate")
-            if gate is not None:
-                record["iada_gate"] = np.asarray(gate).reshape(-1).tolist()
-            writer.write(step, record)
-            summary["losses"].append(record["loss"])
-            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-            bar.update(1)
-            window = {"loss": [], "tokens": 0, "t0": time.perf_counter()}
-            if step % cfg.save_every == 0 or step == total_steps:
-                last_saved = save(step, next_pos)
+            next_pos = (pos[0], pos[1] + 1)
+            if pending is not None:
+                report(pending)  # the previous step: done, or finishing while this one is queued
+            pending, micro, tokens = _Pending(step, pos[0], micro, tokens), [], 0
             if cfg.stop_after is not None and step - start_step >= cfg.stop_after and step < total_steps:
                 stop["signal"] = "stop_after"
+            if step % cfg.save_every == 0 or step == total_steps or stop["signal"] is not None:
+                report(pending)
+                pending = None
+                last_saved = save(step, next_pos)
             if stop["signal"] is not None:
-                if last_saved != step:
-                    last_saved = save(step, next_pos)
                 log(f"\nstopping ({stop['signal']}): saved step {step}; continue with --resume")
                 summary["interrupted"] = True
                 break
         else:
             if step < total_steps:
                 log(f"data exhausted at step {step} of {total_steps}")
+        if pending is not None:
+            report(pending)
         if step > 0 and last_saved != step and not summary.get("interrupted"):
             save(step, next_pos)
     finally:
@@ -280,14 +315,14 @@ def _loop(cfg, data, state, frozen, program: TrainProgram, mesh, ckpts, position
     summary["step"] = step
     if step >= total_steps:
         final = os.path.join(cfg.out, "final")
-        if os.path.exists(final):  # a resumed run that had already finished once
+        if os.path.exists(final) and jax.process_index() == 0:  # a resumed run that had already finished once
             import shutil
 
             shutil.rmtree(final)
-        save_params(final, jax.tree.map(np.asarray, state["trainable"]))
-        png = plot_loss(cfg.out)
-        summary["loss_png"] = png
-    summary["trainable"] = state["trainable"]
+        save_params(final, jax.tree.map(to_host, state["trainable"]))  # every process (orbax synchronises them)
+        if jax.process_index() == 0:
+            summary["loss_png"] = plot_loss(cfg.out)
+    summary["trainable"] = jax.tree.map(to_host, state["trainable"])
     if data.skipped:
         log(f"skipped rows: {dict(data.skipped)}")
     return summary

@@ -7,7 +7,8 @@ here, and `RULES` maps logical names to mesh axes. A dimension the mesh axis doe
 divide stays replicated. Adapters (LoRA, IADA) and their optimizer state are small and
 replicated. Multi-host: `initialize_distributed()` calls `jax.distributed.initialize()`
 when the launcher set the coordinator variables; every host builds the same global batch
-and places only its own shards (`make_array_from_callback`).
+and places only its own shards (`make_array_from_callback`), and reads replicated values
+(metrics, adapters) from its own replica (`to_host`).
 """
 
 from __future__ import annotations
@@ -31,9 +32,17 @@ RULES = {
 
 
 def initialize_distributed() -> None:
-    """Multi-host start: only when launched with a coordinator (JAX's own env variables)."""
-    if os.environ.get("JAX_COORDINATOR_ADDRESS") and jax.process_count() == 1:
-        jax.distributed.initialize()
+    """Multi-host start, when the launcher set JAX_COORDINATOR_ADDRESS (host:port of process 0)
+    and, unless JAX detects the cluster itself (SLURM, Open MPI, ...), JAX_NUM_PROCESSES and
+    JAX_PROCESS_ID. Must run before anything touches a device (asking jax.process_count()
+    first would start the local backend, and initialize() then refuses). CPU processes
+    exchange through gloo (JAX's default CPU collectives)."""
+    address = os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if not address or jax.distributed.is_initialized():
+        return
+    kwargs = {name: int(os.environ[var]) for name, var in (("num_processes", "JAX_NUM_PROCESSES"),
+                                                           ("process_id", "JAX_PROCESS_ID")) if var in os.environ}
+    jax.distributed.initialize(address, **kwargs)
 
 
 def make_mesh(data: int = -1, fsdp: int = 1) -> Mesh:
@@ -115,3 +124,11 @@ def place_batch(batch, mesh: Mesh):
         vision=None if batch.vision is None else jax.tree.map(lambda a: place(a, rep), batch.vision),
         visual_index=None if batch.visual_index is None else place(batch.visual_index, rep),
     )
+
+
+def to_host(x) -> np.ndarray:
+    """A replicated (or single-process) array as numpy, read from this process's own replica:
+    with several processes a global array spans devices no process can read."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(x.addressable_data(0))
+    return np.asarray(x)
