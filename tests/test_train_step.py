@@ -60,6 +60,32 @@ def test_chunked_loss_head_equals_full_logits_values_and_gradients(layout, chunk
     assert int(chunked_next_token_nll(h, w, batch, chunk, layout)[1]) == 3 + 8  # tokens 1..T-1 only
 
 
+def test_chunked_loss_head_memory_does_not_grow_with_tokens_times_vocabulary():
+    """XLA's compiled temporaries of the head's gradient: 16x the tokens add O(tokens x D), not
+    [tokens, V] float32 logits (autodiff through checkpointed chunks kept such residuals: 8.5 MiB
+    here, about 3 x [tokens, V] at 2B dimensions)."""
+    d, v, chunk = 32, 4096, 128
+
+    def temp_bytes(rows):
+        batch = Batch(input_ids=jax.ShapeDtypeStruct((rows, chunk + 1), jnp.int32),
+                      attention_mask=jax.ShapeDtypeStruct((rows, chunk + 1), jnp.int32), position_ids=None,
+                      loss_mask=jax.ShapeDtypeStruct((rows, chunk + 1), jnp.int32))
+
+        def loss(h, w, batch):
+            return chunked_next_token_nll(h, w, batch, chunk)[0]
+
+        h = jax.ShapeDtypeStruct((rows, chunk + 1, d), jnp.float32)
+        w = jax.ShapeDtypeStruct((v, d), jnp.float32)
+        compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(h, w, batch).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    one, many = temp_bytes(1), temp_bytes(16)
+    logits_added = 15 * chunk * v * 4  # what keeping the extra tokens' float32 logits would cost
+    print(f"[loss head] temp {one / 2**20:.1f} -> {many / 2**20:.1f} MiB for 16x the tokens "
+          f"(their logits: {logits_added / 2**20:.0f} MiB)")
+    assert many - one < 0.1 * logits_added  # seen: 0.6 MiB; the autodiff head added 8.5
+
+
 def test_training_loss_equals_transformers_loss(tiny_hf):
     """Our loss (the forward to hidden states, the chunked head) against transformers' own
     `labels` loss on the same model and batch, float32."""
