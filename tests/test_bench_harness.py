@@ -1,11 +1,15 @@
 """bench/ (not tests of speed): the FLOP formula is the documented one, the step harness builds
-train.py's own training program, and the HLO counters read what they claim to."""
+train.py's own training program, and the HLO counters read what they claim to (operation counts,
+the CPU backend's float32 weight copies)."""
 
 from __future__ import annotations
 
 import types
 
-from bench import hlo_report, train_step
+import jax
+import jax.numpy as jnp
+
+from bench import hlo_report, memory, train_step
 from iada_jax.config import Qwen3VLConfig
 from iada_jax.train.step import TrainProgram
 
@@ -30,7 +34,7 @@ def test_the_harness_measures_train_pys_program_with_dropout_and_accumulation():
     case = train_step.Case("D_iada_lora", seq=64, images=1, batch=4, grad_accum=2)
     program, state, frozen, batch = train_step.build_jax_case(train_step.model_config(True), case, args)
     assert isinstance(program, TrainProgram) and program.dropout and program.grad_accum == 2
-    assert batch.input_ids.shape == (4, 64) and batch.vision.frame_valid.shape[0] >= 4
+    assert batch.input_ids.shape == (4, 64) and batch.vision.frame_lengths.shape == (4,)
     assert set(state["trainable"]) == {"lora", "iada"}
 
 
@@ -50,3 +54,17 @@ def test_hlo_counters():
     stable = ("%0 = stablehlo.dot_general %a, %b, contracting_dims = [1] x [0] : "
               "(tensor<4x8xbf16>, tensor<8x2xbf16>) -> tensor<4x2xf32>")
     assert hlo_report.requested_products(stable) == {"bf16 x bf16 -> f32": 1}
+
+
+def test_cpu_weight_copies_count_each_converted_bf16_weight_once():
+    params = {"q": jax.ShapeDtypeStruct((28, 64, 64), jnp.bfloat16),   # converted (stacked)
+              "o": jax.ShapeDtypeStruct((28, 64, 64), jnp.bfloat16),   # same shape, its own copy
+              "up": jax.ShapeDtypeStruct((28, 64, 96), jnp.bfloat16),  # never converted
+              "bias": jax.ShapeDtypeStruct((64,), jnp.bfloat16),       # a vector, not a matmul weight
+              "lora": jax.ShapeDtypeStruct((64, 96), jnp.float32)}     # already float32
+    hlo = "\n".join([
+        "  %c = f32[7,4,64,64]{3,2,1,0} convert(bf16[7,4,64,64]{3,2,1,0} %p0)",
+        "  %d = f32[64]{0} convert(bf16[64]{0} %p3)",
+        "  %e = bf16[28,64,96]{2,1,0} convert(f32[28,64,96]{2,1,0} %x)",
+    ])
+    assert memory.cpu_weight_upcast_bytes(hlo, params) == 2 * 4 * 28 * 64 * 64
