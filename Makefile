@@ -31,7 +31,7 @@ parity: setup
 	$(PY) -m iada_jax.demo
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadscope
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
