@@ -175,15 +175,15 @@ def write_hf_weights(folder: str, specs: list, tensor, max_shard_bytes: int = MA
     model-0000i-of-0000n.safetensors shards of at most `max_shard_bytes` plus
     model.safetensors.index.json (as save_pretrained writes them). Streaming: the shards are
     planned from the shapes, then each tensor is made and written alone."""
+    nbytes = {key: int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize for key, dtype, shape in specs}
     shards: list[list] = [[]]
     size = 0
     for key, dtype, shape in sorted(specs, key=lambda spec: spec[0]):
-        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-        if shards[-1] and size + nbytes > max_shard_bytes:
+        if shards[-1] and size + nbytes[key] > max_shard_bytes:
             shards.append([])
             size = 0
         shards[-1].append((key, dtype, shape))
-        size += nbytes
+        size += nbytes[key]
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     dtypes = {key: dtype for key, dtype, _ in specs}
@@ -192,9 +192,8 @@ def write_hf_weights(folder: str, specs: list, tensor, max_shard_bytes: int = MA
                                  lambda key: [np.asarray(tensor(key)).astype(dtypes[key], copy=False)], {"format": "pt"})
     if len(shards) > 1:
         weight_map = {key: name for name, shard in zip(names, shards) for key, _, _ in shard}
-        total = sum(int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize for _, dtype, shape in specs)
         with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=1)
+            json.dump({"metadata": {"total_size": sum(nbytes.values())}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=1)
     return names
 
 

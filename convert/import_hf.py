@@ -17,6 +17,7 @@ import os
 import shutil
 import sys
 
+import jax
 import numpy as np
 
 from convert.mapping import mapping_table, set_path
@@ -154,31 +155,21 @@ def _one(rule, i: int):
     return dataclasses.replace(rule, hf=rule.hf.format(i=i), count=None)
 
 
-def lazy_hf_params(hf_dir: str) -> tuple[Qwen3VLConfig, dict]:
-    """(config, tree of `LazyParam`s in the source's dtype): nothing is read until used."""
+def lazy_hf_params(hf_dir: str, dtype: str = "auto") -> tuple[Qwen3VLConfig, dict]:
+    """(config, tree of `LazyParam`s in `dtype`, "auto" the source's): nothing is read until used."""
     cfg, entries, rules = checked_source(hf_dir)
-    dtype = param_dtype(source_dtype(entries))
+    target_dtype = param_dtype(source_dtype(entries) if dtype == "auto" else dtype)
     params: dict = {}
     for rule in rules:
-        set_path(params, rule.jax, LazyParam(rule, entries, dtype))
+        set_path(params, rule.jax, LazyParam(rule, entries, target_dtype))
     return cfg, params
 
 
 def read_hf_params(hf_dir: str, dtype: str = "bfloat16") -> tuple[Qwen3VLConfig, dict]:
     """Read and check an HF folder; return (config, numpy parameter tree in `dtype`, or the
-    source's with "auto")."""
-    cfg, entries, rules = checked_source(hf_dir)
-    target_dtype = param_dtype(source_dtype(entries) if dtype == "auto" else dtype)
-    params: dict = {}
-    for rule in rules:
-        target = np.empty(rule.jax_shape, target_dtype)
-        for i, value in enumerate(rule_slices(rule, entries, target_dtype)):
-            if rule.count is None:
-                target[...] = value
-            else:
-                target[i] = value
-        set_path(params, rule.jax, target)
-    return cfg, params
+    source's with "auto"), all in memory."""
+    cfg, params = lazy_hf_params(hf_dir, dtype)
+    return cfg, jax.tree.map(np.asarray, params)
 
 
 def copy_aux_files(src: str, dst: str) -> None:

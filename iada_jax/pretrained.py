@@ -157,12 +157,13 @@ def _default_block_size(num_layers: int) -> int:
 
 
 def load_pretrained(path: str | os.PathLike, dtype: str = "float32", fwd: ForwardConfig | None = None,
-                    place: Callable[[Qwen3VLConfig, dict], dict] | None = None) -> Qwen3VL:
+                    shardings: Callable[[Qwen3VLConfig, dict], dict] | None = None) -> Qwen3VL:
     """Load a converted checkpoint (from `python -m convert import-hf`) or an HF model folder.
 
     dtype: parameter and compute dtype, "float32" or "bfloat16". The parameters are read a leaf
-    at a time and placed by place(config, params) (default: each leaf cast to dtype, on the
-    default device); the training loop places them straight onto its mesh.
+    at a time, cast to dtype and put on the default device, or, given shardings(config, params)
+    -> a tree of shardings, straight onto those (the training loop's mesh: each device receives
+    only its shards).
     """
     path = os.fspath(path)
     target = param_dtype(dtype)
@@ -175,10 +176,8 @@ def load_pretrained(path: str | os.PathLike, dtype: str = "float32", fwd: Forwar
         from convert.import_hf import lazy_hf_params
 
         config, params = lazy_hf_params(path)
-    if place is None:
-        params = jax.tree.map(lambda x: jnp.asarray(np.asarray(x).astype(target, copy=False)), params)
-    else:
-        params = place(config, params)
+    put = lambda x, s=None: jax.device_put(np.asarray(x).astype(target, copy=False), s)  # noqa: E731
+    params = jax.tree.map(put, params) if shardings is None else jax.tree.map(put, params, shardings(config, params))
     if fwd is None:
         fwd = ForwardConfig(block_size=_default_block_size(config.text.num_hidden_layers), dtype=dtype)
     image_config = None

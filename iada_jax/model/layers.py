@@ -127,20 +127,21 @@ def causal_padding_mask(attention_mask: Array) -> Array:
 
 
 def dot_product_attention(
-    q: Array, k: Array, v: Array, mask: Array, seq_lengths: Array, implementation: str
+    q: Array, k: Array, v: Array, mask: Array, seq_lengths: Array, implementation: str, causal: bool = True
 ) -> Array:
     """q [B, T, Hq, hd], k/v [B, S, Hkv, hd] (GQA: consecutive q heads share a kv head).
 
     "xla": explicit boolean mask (any padding side); logits and softmax in float32.
-    "cudnn": causal + `key_value_seq_lengths`, so it is only right for right-padded batches
-    (the public API has no left padding or packing; see PERF_NOTES.md traps).
+    "cudnn": causal (or not: the vision tower's frames) + the sequences' lengths, so it is only
+    right for right-padded batches (the public API has no left padding or packing; see
+    PERF_NOTES.md traps).
     """
     scale = q.shape[-1] ** -0.5
     if implementation == "xla":
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="xla")
     if implementation == "cudnn":
         return jax.nn.dot_product_attention(
-            q, k, v, scale=scale, is_causal=True, query_seq_lengths=seq_lengths,
+            q, k, v, scale=scale, is_causal=causal, query_seq_lengths=seq_lengths,
             key_value_seq_lengths=seq_lengths, implementation="cudnn",
         )
     raise ValueError(f"unknown attention implementation {implementation!r}; use 'xla' or 'cudnn'")

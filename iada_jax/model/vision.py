@@ -17,7 +17,7 @@ from flax import linen as nn
 
 from iada_jax.config import VisionConfig
 from iada_jax.data.vision_inputs import VisionInputs
-from iada_jax.model.layers import Dense, rope_inv_freq, rotate_half
+from iada_jax.model.layers import Dense, dot_product_attention, rope_inv_freq, rotate_half
 
 Array = jax.Array
 
@@ -50,18 +50,13 @@ def vision_cos_sin(rot_pos: Array, head_dim: int, theta: float) -> tuple[Array, 
     return jnp.cos(emb), jnp.sin(emb)
 
 
-def frame_attention(q: Array, k: Array, v: Array, lengths: Array, scale: float, implementation: str) -> Array:
+def frame_attention(q: Array, k: Array, v: Array, lengths: Array, implementation: str) -> Array:
     """Non-causal attention within each frame: q/k/v [F, L, H, hd], a frame's rows past its
     length are padding (read by nobody; their own outputs are meaningless)."""
-    if implementation == "cudnn":
-        # A padding frame (length 0) attends to its first row instead: finite, and dropped later.
-        lengths = jnp.maximum(lengths, 1)
-        return jax.nn.dot_product_attention(q, k, v, scale=scale, query_seq_lengths=lengths,
-                                            key_value_seq_lengths=lengths, implementation="cudnn")
-    if implementation != "xla":
-        raise ValueError(f"unknown attention implementation {implementation!r}; use 'xla' or 'cudnn'")
     valid = jnp.arange(q.shape[1])[None, :] < lengths[:, None]  # [F, L]
-    return jax.nn.dot_product_attention(q, k, v, mask=valid[:, None, None, :], scale=scale, implementation="xla")
+    # cuDNN: a padding frame (length 0) attends to its first row instead: finite, and dropped later.
+    return dot_product_attention(q, k, v, valid[:, None, None, :], jnp.maximum(lengths, 1), implementation,
+                                 causal=False)
 
 
 class VisionAttention(nn.Module):
@@ -84,7 +79,7 @@ class VisionAttention(nn.Module):
         q, k = rope(q), rope(k)
         f = vis.frame_lengths.shape[0]
         frames = [a.reshape(f, n // f, c.num_heads, c.head_dim) for a in (q, k, v)]  # [F, L, H, hd]
-        out = frame_attention(*frames, vis.frame_lengths, c.head_dim**-0.5, self.implementation)
+        out = frame_attention(*frames, vis.frame_lengths, self.implementation)
         return Dense(c.hidden_size, use_bias=True, name="proj")(out.reshape(n, c.hidden_size))
 
 

@@ -136,16 +136,10 @@ def _load(cfg: TrainConfig, mesh, log):
     receives only its shards; no full copy on one device), its tokenizer and image processing."""
     from transformers import AutoTokenizer
 
-    from iada_jax.config import param_dtype
     from iada_jax.pretrained import load_pretrained
 
-    dtype = param_dtype(cfg.param_dtype)
-
-    def place(config, params):
-        shardings = param_shardings(params, config, mesh)
-        return jax.tree.map(lambda x, s: jax.device_put(np.asarray(x).astype(dtype, copy=False), s), params, shardings)
-
-    model = load_pretrained(cfg.model, dtype=cfg.param_dtype, place=place)
+    model = load_pretrained(cfg.model, dtype=cfg.param_dtype,
+                            shardings=lambda config, params: param_shardings(params, config, mesh))
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     except Exception as e:
