@@ -415,7 +415,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="bench/device_run.sh", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cpu", action="store_true", help="tiny dimensions on CPU (the suite's check of this program)")
-    ap.add_argument("--budget-s", type=float, default=None, help="seconds for all cases (default 510; --cpu 150)")
+    ap.add_argument("--budget-s", type=float, default=None, help="seconds for all cases (default 510; --cpu 300)")
     ap.add_argument("--jobs", type=int, default=None,
                     help="cases at a time (default 1; --cpu: 2, since XLA compiles on one core). Never above 1 on a GPU:"
                          " the timings and peak memory are each case's own")
@@ -423,7 +423,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     out_dir = os.environ.get("OUT") or os.path.join(ROOT, "bench", "results")
     os.makedirs(out_dir, exist_ok=True)
-    budget = args.budget_s or (150.0 if args.cpu else 510.0)
+    budget = args.budget_s or (300.0 if args.cpu else 510.0)
     runner = Runner(out_dir, budget, args.cpu)
     cases = plan(args.cpu)
     if args.only:
