@@ -28,7 +28,7 @@ eval: setup
 	$(PY) eval.py --out runs/eval $$(test -d runs/demo/final && echo --adapter runs/demo)
 
 parity: setup
-	$(PY) -m iada_jax.demo
+	$(PY) -m iada_jax.embedded.demo
 
 test: setup
 	$(PY) -m pytest -q -n 2 --dist loadscope

@@ -259,7 +259,7 @@ class Runner:
         dtype = "float32" if self.cpu else "bfloat16"
         steps = [
             [sys.executable, "-m", "convert", "random-init", "--preset", preset, model, "--dtype", dtype],
-            [sys.executable, "-m", "iada_jax.data.synthetic", data, "--rows", str(rows), "--image-size", str(size)],
+            [sys.executable, "-m", "iada_jax.embedded.synthetic", data, "--rows", str(rows), "--image-size", str(size)],
         ]
         commands = []
         for argv in steps:

@@ -9,7 +9,7 @@ and its gradients from XLA's on the valid rows, and whether the padded rows are 
 both: a NaN there reaches the loss and IADA's pooling through a multiply by zero. Without a
 GPU the cuDNN half is reported as not run, and only the XLA rows are checked.
 
-`forward`: a tiny random Qwen3-VL with vision and DeepStack (iada_jax.tiny_hf), LoRA + IADA
+`forward`: a tiny random Qwen3-VL with vision and DeepStack (iada_jax.embedded.tiny_hf), LoRA + IADA
 (experiment D, random adapters of std 0.1) on both sides: ours in JAX on the default device,
 transformers + PEFT + `attach_iada` (the exported adapter) in PyTorch. float32 (JAX at
 "highest" matmul precision) against PyTorch float32 on the CPU; bf16 against the same float32
@@ -111,7 +111,7 @@ def forward_check(tmp: str) -> list[dict]:
     from iada_jax.config import ForwardConfig
     from iada_jax.experiments import get_experiment
     from iada_jax.model.qwen3_vl import forward, init_adapters
-    from iada_jax.tiny_hf import SPECIAL_IDS, build_hf_model
+    from iada_jax.embedded.tiny_hf import SPECIAL_IDS, build_hf_model
     from iada_jax.torch_iada import attach_iada
 
     hf_dir, ckpt, run, out = (os.path.join(tmp, n) for n in ("hf", "ckpt", "run", "peft"))

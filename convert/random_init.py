@@ -62,7 +62,7 @@ def with_tiny_tokenizer_ids(cfg: Qwen3VLConfig) -> Qwen3VLConfig:
     """The config with the special ids of the embedded tiny tokenizer (image 290, ...)."""
     import dataclasses
 
-    from iada_jax.tiny_tokenizer import SPECIAL_TOKENS
+    from iada_jax.embedded.tiny_tokenizer import SPECIAL_TOKENS
 
     return dataclasses.replace(
         cfg, image_token_id=SPECIAL_TOKENS["<|image_pad|>"], video_token_id=SPECIAL_TOKENS["<|video_pad|>"],
@@ -78,7 +78,7 @@ def random_init(preset: str | Qwen3VLConfig, out_dir: str, fmt: str = "ours", dt
     from convert.export import write_hf_weights
     from iada_jax.checkpoint import tree_specs, write_base_checkpoint, write_folder_atomically
     from iada_jax.embedded import PREPROCESSOR_CONFIG
-    from iada_jax.tiny_tokenizer import build_tokenizer
+    from iada_jax.embedded.tiny_tokenizer import build_tokenizer
 
     if fmt not in ("ours", "hf"):
         raise ValueError(f"format {fmt!r}: use 'ours' (a converted checkpoint) or 'hf' (safetensors)")

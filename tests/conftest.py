@@ -35,7 +35,7 @@ import torch  # noqa: E402
 
 torch.set_num_threads(2)
 
-from iada_jax.tiny_hf import TEXT_VOCAB, build_hf_model, hf_config  # noqa: E402,F401
+from iada_jax.embedded.tiny_hf import TEXT_VOCAB, build_hf_model, hf_config  # noqa: E402,F401
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -34,7 +34,7 @@ from iada_jax.config import ForwardConfig, LoraConfig
 from iada_jax.evaluation.generate import GenerationConfig, generate
 from iada_jax.experiments import get_experiment
 from iada_jax.model.qwen3_vl import forward
-from iada_jax.tiny_hf import SPECIAL_IDS, TEXT_VOCAB
+from iada_jax.embedded.tiny_hf import SPECIAL_IDS, TEXT_VOCAB
 from iada_jax.torch_iada import attach_iada
 
 TOL = 1e-4  # max abs logit difference (logits are O(40) on these random models)

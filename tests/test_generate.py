@@ -12,7 +12,7 @@ import iada_jax
 from iada_jax.config import ForwardConfig
 from iada_jax.evaluation.generate import GenerationConfig, generate
 from iada_jax.experiments import get_experiment
-from iada_jax.tiny_hf import SPECIAL_IDS, TEXT_VOCAB
+from iada_jax.embedded.tiny_hf import SPECIAL_IDS, TEXT_VOCAB
 
 IMG = SPECIAL_IDS["image_token_id"]
 VISION = [SPECIAL_IDS["vision_start_token_id"]] + [IMG] * 4 + [SPECIAL_IDS["vision_end_token_id"]]

@@ -383,7 +383,7 @@ def test_block_size_mismatch_and_bad_switches_are_refused(model):
 def test_iada_with_real_images_is_padding_invariant_and_reads_the_visual_stream(tiny_hf):
     """Vision features scattered into the placeholders, DeepStack on, IADA on: a sample's logits
     do not depend on its batch-mates or padding, and the visual stream is the placeholder span."""
-    from iada_jax.tiny_hf import SPECIAL_IDS
+    from iada_jax.embedded.tiny_hf import SPECIAL_IDS
     path, _ = tiny_hf("vision_merge2", seed=7, layers=4, vision_depth=2, deepstack=(0, 1), merge=2, tied=True)
     vlm = iada_jax.load_pretrained(path, fwd=ForwardConfig(block_size=2))
     exp = _exp("D_iada_lora")

@@ -13,9 +13,9 @@ import os
 import numpy as np
 import pytest
 
-from iada_jax.data.synthetic import COLOURS, POSITIONS, QUESTION_KINDS, centre, make_synthetic_dataset
-from iada_jax.tiny_hf import SPECIAL_IDS, TEXT_VOCAB
-from iada_jax.tiny_tokenizer import build_tokenizer
+from iada_jax.embedded.synthetic import COLOURS, POSITIONS, QUESTION_KINDS, centre, make_synthetic_dataset
+from iada_jax.embedded.tiny_hf import SPECIAL_IDS, TEXT_VOCAB
+from iada_jax.embedded.tiny_tokenizer import build_tokenizer
 
 IMAGE_Q = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the image ?"}]}]
 IMAGE_Q_RENDERED = (

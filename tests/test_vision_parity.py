@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import iada_jax
-from iada_jax.tiny_hf import SPECIAL_IDS, TEXT_VOCAB
+from iada_jax.embedded.tiny_hf import SPECIAL_IDS, TEXT_VOCAB
 
 TOL = 1e-4
 VS, VE = SPECIAL_IDS["vision_start_token_id"], SPECIAL_IDS["vision_end_token_id"]

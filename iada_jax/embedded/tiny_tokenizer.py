@@ -17,7 +17,7 @@ minus tools and thinking. transformers 5.x `save_pretrained` writes it to
 
 from __future__ import annotations
 
-TEXT_VOCAB = 280  # must equal iada_jax.tiny_hf.TEXT_VOCAB
+TEXT_VOCAB = 280  # must equal iada_jax.embedded.tiny_hf.TEXT_VOCAB
 VOCAB = 300
 SPECIAL_TOKENS = {
     "<|endoftext|>": 280, "<|im_start|>": 281, "<|im_end|>": 282,
@@ -76,7 +76,7 @@ def _train_bpe():
     decode(encode(s)) == s)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-    from iada_jax.data.synthetic import corpus_text
+    from iada_jax.embedded.synthetic import corpus_text
 
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()

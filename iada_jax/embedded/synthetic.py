@@ -183,7 +183,7 @@ def corpus_text() -> str:
 def main(argv=None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m iada_jax.data.synthetic",
+    ap = argparse.ArgumentParser(prog="python -m iada_jax.embedded.synthetic",
                                  description="Write OUT_DIR/train.parquet: synthetic visual questions (llava-instruct-mix schema).")
     ap.add_argument("out_dir")
     ap.add_argument("--rows", type=int, default=256)

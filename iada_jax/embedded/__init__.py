@@ -33,9 +33,9 @@ def prepare_embedded(cache: str = DEFAULT_CACHE, num_rows: int = 512, log=print)
     if os.path.isdir(ckpt) and os.path.isfile(data):
         return ckpt, data
     from convert.__main__ import main as convert_main
-    from iada_jax.data.synthetic import make_synthetic_dataset
-    from iada_jax.tiny_hf import build_hf_model
-    from iada_jax.tiny_tokenizer import build_tokenizer
+    from iada_jax.embedded.synthetic import make_synthetic_dataset
+    from iada_jax.embedded.tiny_hf import build_hf_model
+    from iada_jax.embedded.tiny_tokenizer import build_tokenizer
 
     shutil.rmtree(cache, ignore_errors=True)
     hf_dir = os.path.join(cache, "hf")

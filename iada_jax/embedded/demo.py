@@ -1,6 +1,6 @@
 """Parity demo (`make parity`): tiny random Qwen3-VL in HF format -> convert -> logits vs transformers.
 
-    python -m iada_jax.demo [--out runs/demo]
+    python -m iada_jax.embedded.demo [--out runs/demo]
 
 Builds a tiny random `Qwen3VLForConditionalGeneration` with transformers, saves it as a
 Hugging Face folder, converts it with `python -m convert import-hf`, loads the checkpoint
@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m iada_jax.demo", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m iada_jax.embedded.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/demo", help="working folder (replaced on each run)")
     args = parser.parse_args(argv)
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import iada_jax
     from convert.__main__ import main as convert_main
-    from iada_jax.tiny_hf import TEXT_VOCAB, build_hf_model
+    from iada_jax.embedded.tiny_hf import TEXT_VOCAB, build_hf_model
 
     shutil.rmtree(args.out, ignore_errors=True)
     hf_dir, ckpt = os.path.join(args.out, "hf"), os.path.join(args.out, "ckpt")
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     from PIL import Image
 
     from iada_jax.data.image_processing import ImageProcessorConfig, preprocess_images
-    from iada_jax.tiny_hf import SPECIAL_IDS
+    from iada_jax.embedded.tiny_hf import SPECIAL_IDS
 
     image = Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8))
     pv, grid = preprocess_images([image], ImageProcessorConfig(patch_size=4, min_pixels=64, max_pixels=1024))
