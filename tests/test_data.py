@@ -47,14 +47,14 @@ def test_only_the_completion_carries_loss_and_placeholders_match_the_grid(embedd
     assert mask.tolist() == [0] * (len(ids) - int(mask.sum())) + [1] * int(mask.sum())  # one answer span
 
 
-def test_messages_rows_supervise_every_assistant_turn(embedded):
+def test_messages_rows_supervise_every_assistant_turn_with_messages_loss_assistant(embedded):
     _, _, tok, _ = embedded
     row = {"messages": [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "yes"},
         {"role": "user", "content": "And?"}, {"role": "assistant", "content": "no"},
     ]}
-    ex = build_example(tok, row, image_cfg(), merge_size=2, max_length=512)
+    ex = build_example(tok, row, image_cfg(), merge_size=2, max_length=512, messages_loss="assistant")
     spans, cur = [], []
     for i, m in zip(ex.input_ids, ex.loss_mask):
         if m:

@@ -1,14 +1,22 @@
 """Visual-instruction SFT examples: read rows, render them with the checkpoint's chat
-template, expand image placeholders, and mark the supervised tokens.
+template, expand image placeholders, and mark the supervised tokens. The reference is TRL
+1.16's `DataCollatorForVisionLanguageModeling` (trl/trainer/sft_trainer.py) with
+`prepare_multimodal_messages` (trl/data_utils.py): same tokens, same labels.
 
-Two row schemas:
-- `trl-lib/llava-instruct-mix`: `images` (list of images), `prompt` (messages before the
-  answer), `completion` (the answer message). As TRL's VLM collator: the images go before
-  the text of the first user message; the loss covers only the completion, i.e. the answer
-  plus `<|im_end|>\\n` (QWEN3VL_REFERENCE.md §5).
-- `messages` (+ optional `images`): a whole conversation; every assistant turn is supervised
-  (its text and `<|im_end|>\\n`), everything else is context.
-Images are PIL images, `{"bytes", "path"}` dicts (the `datasets` Image storage) or paths.
+Two row layouts:
+- prompt/completion (`trl-lib/llava-instruct-mix`): `images`, `prompt` (the messages before
+  the answer), `completion` (the answer message). The loss covers only the completion, i.e.
+  the answer plus `<|im_end|>\\n` (TRL's `completion_only_loss`, its default for this layout).
+- `messages` (`HuggingFaceH4/llava-instruct-mix-vsft`): a whole conversation. TRL supervises
+  every token but padding (`messages_loss="all"`, its default); `"assistant"` supervises only
+  the assistant turns (text and `<|im_end|>\\n`), what TRL's `assistant_only_loss` does with a
+  template that has generation markers (Qwen3-VL's has none).
+Images: as TRL, `{"type": "image"}` entries already in the content stay where they are and take
+the row's images in order; only when a user message has plain-string content are the images
+put before its text (the first such message). A count mismatch is a bad row.
+
+Image items are PIL images, `{"bytes", "path"}` dicts (the `datasets` Image storage) or paths.
+Every problem with a row is a `BadRow` with a reason (the skip counter's key), never a crash.
 """
 
 from __future__ import annotations
@@ -23,6 +31,8 @@ from PIL import Image
 from iada_jax.data.image_processing import ImageProcessorConfig, preprocess_images, smart_resize
 
 IMAGE_PAD = "<|image_pad|>"
+MESSAGES_LOSS = ("all", "assistant")
+HEADER_BYTES = 1 << 16  # image headers are read from this prefix of the bytes (the whole file if needed)
 
 
 class BadRow(ValueError):
@@ -30,7 +40,7 @@ class BadRow(ValueError):
 
     def __init__(self, reason: str, detail: str):
         super().__init__(f"{reason}: {detail}")
-        self.reason = reason
+        self.reason, self.detail = reason, detail
 
 
 @dataclasses.dataclass
@@ -43,9 +53,19 @@ class Example:
     image_grid_thw: np.ndarray | None  # [I, 3]
 
 
-def _open(item) -> Image.Image:
+# ---------------------------------------------------------------------- images
+def row_images(row: dict) -> list:
+    """The row's image items: an `images` list, or a single `image` (as TRL accepts)."""
+    items = row.get("images")
+    if items is None and row.get("image") is not None:
+        items = [row["image"]]
+    return list(items or [])
+
+
+def _open(item, prefix: bool = False) -> Image.Image:
     if isinstance(item, dict) and item.get("bytes") is not None:
-        return Image.open(io.BytesIO(item["bytes"]))
+        data = item["bytes"]
+        return Image.open(io.BytesIO(data[:HEADER_BYTES] if prefix else data))
     if isinstance(item, dict) and item.get("path"):
         return Image.open(item["path"])
     if isinstance(item, (str, os.PathLike)):
@@ -53,47 +73,79 @@ def _open(item) -> Image.Image:
     raise BadRow("bad_image", f"cannot read an image from {type(item).__name__}")
 
 
-def load_image(item, decode: bool = True) -> Image.Image:
-    """An RGB PIL image from a PIL image, {"bytes", "path"} or a path. decode=False checks
-    the file's integrity (PIL verify) and returns it opened but not decoded (size known)."""
+def image_size(item) -> tuple[int, int]:
+    """(height, width) from the image's header; pixels are not decoded."""
     if isinstance(item, Image.Image):
-        return item.convert("RGB") if decode else item
+        return item.height, item.width
+    try:
+        try:
+            with _open(item, prefix=True) as image:
+                return image.height, image.width
+        except BadRow:
+            raise
+        except Exception:  # a header longer than the prefix: read it from the whole file
+            with _open(item) as image:
+                return image.height, image.width
+    except BadRow:
+        raise
+    except Exception as e:  # missing, unknown or corrupt files
+        raise BadRow("bad_image", f"unreadable image ({type(e).__name__}: {e})") from None
+
+
+def load_image(item) -> Image.Image:
+    """The decoded RGB image of a PIL image, {"bytes", "path"} or a path."""
+    if isinstance(item, Image.Image):
+        return item.convert("RGB")
     try:
         image = _open(item)
-        if not decode:
-            image.verify()  # consumes the file object: reopen for the caller
-            return _open(item)
         image.load()
     except BadRow:
         raise
     except Exception as e:  # missing, truncated or corrupt files
-        raise BadRow("bad_image", f"unreadable image ({e})") from None
+        raise BadRow("bad_image", f"unreadable image ({type(e).__name__}: {e})") from None
     return image.convert("RGB")
 
 
-def _grid(image: Image.Image, cfg: ImageProcessorConfig) -> tuple[int, int, int]:
-    h, w = smart_resize(image.height, image.width, cfg.factor, cfg.min_pixels, cfg.max_pixels)
+def image_grid(size: tuple[int, int], cfg: ImageProcessorConfig) -> tuple[int, int, int]:
+    """The (t, h, w) patch grid the processor gives an image of this (height, width)."""
+    try:
+        h, w = smart_resize(size[0], size[1], cfg.factor, cfg.min_pixels, cfg.max_pixels)
+    except ValueError as e:  # e.g. an extreme aspect ratio
+        raise BadRow("bad_image", str(e)) from None
     return (1, h // cfg.patch_size, w // cfg.patch_size)
 
 
-def _with_images(messages: list[dict], n_images: int) -> list[dict]:
-    """TRL `prepare_multimodal_messages`: image items before the text of the first user message."""
-    out, placed = [], n_images == 0
+# ---------------------------------------------------------------------- rendering
+def prepare_messages(messages: list[dict], n_images: int) -> list[dict]:
+    """TRL `prepare_multimodal_messages` without the image payloads: content as lists of parts;
+    `n_images` image entries before the text of the first user message with plain-string
+    content; existing `{"type": "image"}` entries kept in place. The entries must number
+    `n_images`."""
+    out, included = [], False
     for m in messages:
-        content = m["content"]
-        if isinstance(content, str):
-            content = [{"type": "text", "text": content}]
-        if not placed and m["role"] == "user":
-            content = [{"type": "image"}] * n_images + list(content)
-            placed = True
-        out.append({"role": m["role"], "content": content})
-    if not placed:
-        raise BadRow("no_user_turn", "images given but no user message to put them in")
+        role, content = m.get("role"), m.get("content")
+        if role == "user":
+            if isinstance(content, str) and not included:
+                m = {**m, "content": [{"type": "image"}] * n_images + [{"type": "text", "text": content}]}
+                included = True
+            elif isinstance(content, str):
+                m = {**m, "content": [{"type": "text", "text": content}]}
+        elif role in ("assistant", "system", "tool"):
+            if isinstance(content, str):
+                m = {**m, "content": [{"type": "text", "text": content}]}
+        else:
+            raise BadRow("bad_role", f"message role {role!r}; expected system, user, assistant or tool")
+        out.append(m)
+    entries = sum(sum(1 for part in m["content"] if part.get("type") == "image" and "image" not in part)
+                  for m in out if m.get("content") and m["role"] != "tool")
+    if entries != n_images:
+        raise BadRow("placeholder_mismatch", f"{n_images} images but {entries} image entries in the messages")
     return out
 
 
-def _render(tokenizer, messages, add_generation_prompt=False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+def _render(tokenizer, messages, add_generation_prompt=False, continue_final_message=False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         continue_final_message=continue_final_message)
 
 
 def _common_prefix(a: str, b: str) -> str:
@@ -105,28 +157,41 @@ def _common_prefix(a: str, b: str) -> str:
     return a[:n]
 
 
-def render_segments(tokenizer, row: dict, n_images: int) -> list[tuple[str, bool]]:
-    """The row's text as (segment, supervised) pairs, images as single `<|image_pad|>`s."""
+def _segments(tokenizer, row: dict, n_images: int, messages_loss: str) -> list[tuple[str, bool]]:
     if "prompt" in row and "completion" in row:
         prompt, completion = row["prompt"], row["completion"]
-        if not completion or not any(str(m.get("content") or "").strip() for m in completion):
+        if isinstance(prompt, str) or isinstance(completion, str):
+            raise BadRow("bad_schema", "prompt and completion must be lists of messages")
+        if not completion or not any(_has_text(m.get("content")) for m in completion):
             raise BadRow("empty_completion", "the completion is empty")
-        prompt = _with_images(prompt, n_images)
-        completion = _with_images(completion, 0)
-        p = _render(tokenizer, prompt, add_generation_prompt=True)
+        if not prompt:
+            raise BadRow("bad_schema", "the prompt has no message")
+        prompt = prepare_messages(prompt, n_images)
+        completion = prepare_messages(completion, 0)
+        # As TRL's `apply_chat_template` (trl/data_utils.py): a prompt ending with an assistant
+        # message is continued, one ending with user or tool gets the generation prompt.
+        last = prompt[-1]["role"]
+        if last not in ("user", "tool", "assistant"):
+            raise BadRow("bad_schema", f"the prompt ends with a {last!r} message")
+        p = _render(tokenizer, prompt, add_generation_prompt=last != "assistant",
+                    continue_final_message=last == "assistant")
         pc = _render(tokenizer, prompt + completion)
         p = _common_prefix(p, pc)
         return [(p, False), (pc[len(p):], True)]
     if "messages" in row:
-        messages = _with_images(row["messages"], n_images)
+        messages = prepare_messages(row["messages"], n_images)
         if not any(m["role"] == "assistant" for m in messages):
             raise BadRow("empty_completion", "the conversation has no assistant turn")
+        if messages_loss == "all":
+            return [(_render(tokenizer, messages), True)]
         segments, done = [], ""
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
             before = _render(tokenizer, messages[:i], add_generation_prompt=True)
             after = _render(tokenizer, messages[: i + 1])
+            if not after.startswith(done) or not after.startswith(before):
+                raise BadRow("render_error", "the chat template does not render the conversation incrementally")
             segments.append((before[len(done):], False))
             segments.append((after[len(before):], True))
             done = after
@@ -134,47 +199,73 @@ def render_segments(tokenizer, row: dict, n_images: int) -> list[tuple[str, bool
     raise BadRow("bad_schema", f"row has columns {sorted(row)}; expected prompt+completion or messages")
 
 
-def build_example(tokenizer, row: dict, image_config: ImageProcessorConfig, merge_size: int,
-                  max_length: int, with_pixels: bool = True) -> Example:
-    """Render, expand placeholders to the grid's token count, tokenise, mask. Raises BadRow."""
+def _has_text(content) -> bool:
+    if isinstance(content, str):
+        return bool(content.strip())
+    return any(isinstance(p, dict) and str(p.get("text") or "").strip() for p in content or [])
+
+
+def render_segments(tokenizer, row: dict, n_images: int, messages_loss: str = "all") -> list[tuple[str, bool]]:
+    """The row's text as (segment, supervised) pairs, each image as one `<|image_pad|>`.
+    Anything the chat template raises is a `render_error` bad row."""
+    if messages_loss not in MESSAGES_LOSS:
+        raise ValueError(f"messages_loss={messages_loss!r}; expected one of {MESSAGES_LOSS}")
     try:
-        images = [load_image(x, decode=with_pixels) for x in (row.get("images") or [])]
+        return _segments(tokenizer, row, n_images, messages_loss)
     except BadRow:
         raise
-    except Exception as e:  # missing file, unknown format
-        raise BadRow("bad_image", str(e)) from None
-    pixel_values = grid = None
-    counts = []
-    if images:
+    except Exception as e:  # the template's own raise_exception, a missing key, a malformed message
+        raise BadRow("render_error", f"{type(e).__name__}: {e}") from None
+
+
+# ---------------------------------------------------------------------- tokens
+def assemble(segment_ids: list[list[int]], supervised: list[bool], counts: list[int], pad_id: int,
+             max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids and loss mask from the tokenised segments: each `<|image_pad|>` (tokenised alone)
+    repeated to its image's token count, as the processor's expansion does (the pad is a special
+    token, so expanding before or after tokenising gives the same ids). Raises BadRow."""
+    ids = np.asarray([t for s in segment_ids for t in s], np.int32)
+    mask = np.repeat(np.asarray(supervised, np.int32), [len(s) for s in segment_ids])
+    pads = np.flatnonzero(ids == pad_id)
+    if len(pads) != len(counts):
+        raise BadRow("placeholder_mismatch", f"{len(counts)} images but {len(pads)} placeholders in the rendered text")
+    if len(pads):
+        repeats = np.ones(len(ids), np.int64)
+        repeats[pads] = counts
+        ids, mask = np.repeat(ids, repeats), np.repeat(mask, repeats)
+    if not mask.any():
+        raise BadRow("empty_completion", "no supervised token")
+    first = int(np.argmax(mask))
+    if first >= max_length:
+        raise BadRow("too_long", f"the prompt is {first} tokens (images included), max_length={max_length}")
+    if len(pads) and int(np.flatnonzero(ids == pad_id)[-1]) >= max_length:
+        raise BadRow("too_long", f"image tokens reach past max_length={max_length}")
+    # Truncate the supervised tail only, never an image (cutting image tokens breaks the grid match).
+    return ids[:max_length], mask[:max_length]
+
+
+def tokenize_segments(tokenizer, texts: list[str]) -> list[list[int]]:
+    return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+
+def build_example(tokenizer, row: dict, image_config: ImageProcessorConfig, merge_size: int,
+                  max_length: int, with_pixels: bool = True, messages_loss: str = "all") -> Example:
+    """Render, tokenise, expand placeholders to the grid's token count, mask. Raises BadRow."""
+    items = row_images(row)
+    pixel_values = None
+    if items and with_pixels:
+        images = [load_image(x) for x in items]
         try:
-            if with_pixels:
-                pixel_values, grid = preprocess_images(images, image_config)
-            else:
-                grid = np.asarray([_grid(im, image_config) for im in images], np.int64)
+            pixel_values, grid = preprocess_images(images, image_config)
         except ValueError as e:  # e.g. an extreme aspect ratio
             raise BadRow("bad_image", str(e)) from None
-        counts = [int(np.prod(g)) // merge_size**2 for g in grid]
-    segments = render_segments(tokenizer, row, len(images))
-    ids, mask, k = [], [], 0
-    for text, supervised in segments:
-        pieces = text.split(IMAGE_PAD)
-        if len(pieces) - 1 + k > len(counts):
-            raise BadRow("placeholder_mismatch", "more image placeholders than images")
-        expanded = pieces[0]
-        for piece in pieces[1:]:
-            expanded += IMAGE_PAD * counts[k] + piece
-            k += 1
-        tokens = tokenizer(expanded, add_special_tokens=False)["input_ids"]
-        ids += tokens
-        mask += [int(supervised)] * len(tokens)
-    if k != len(counts):
-        raise BadRow("placeholder_mismatch", f"{len(counts)} images but {k} placeholders in the rendered text")
-    first_supervised = mask.index(1) if 1 in mask else len(mask)
-    if first_supervised >= max_length:
-        raise BadRow("too_long", f"the prompt is {first_supervised} tokens (images included), max_length={max_length}")
-    if not any(mask):
-        raise BadRow("empty_completion", "no supervised token")
-    # Truncate the answer, never the prompt (cutting image tokens would break the grid match).
-    ids, mask = ids[:max_length], mask[:max_length]
-    return Example(np.asarray(ids, np.int32), np.asarray(mask, np.int32),
-                   pixel_values if with_pixels else None, grid)
+    elif items:
+        grid = np.asarray([image_grid(image_size(x), image_config) for x in items], np.int64)
+    else:
+        grid = None
+    counts = [] if grid is None else [int(np.prod(g)) // merge_size**2 for g in grid]
+    segments = render_segments(tokenizer, row, len(items), messages_loss)
+    pad_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+    ids, mask = assemble(tokenize_segments(tokenizer, [t for t, _ in segments]), [s for _, s in segments],
+                         counts, pad_id, max_length)
+    return Example(ids, mask, pixel_values, grid)
