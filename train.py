@@ -21,6 +21,12 @@ from iada_jax.train.loop import TrainConfig, TrainingError, fit
 
 
 HELP = {
+    "min_pixels": "images are resized to at least this many pixels (default 200704 = 256*28*28, lmms-eval's "
+                  "qwen3_vl; README 'Images')",
+    "max_pixels": "... and at most this many (default 1605632, lmms-eval's qwen3_vl: 1568 visual tokens)",
+    "index_cache": "folder of cached data indexes (default $IADA_JAX_CACHE/index or ~/.cache/iada_jax/index; "
+                   "'' for none)",
+    "workers": "processes that build the data index, threads that decode images (default 2)",
     "init_adapters": "start from trained adapters: a run directory or an adapters folder "
                      "(python -m convert import-peft turns a PEFT LoRA adapter into one)",
 }
@@ -33,7 +39,7 @@ def parse(argv=None) -> TrainConfig:
     ap.add_argument("--data", help="data file or folder (default: the embedded synthetic data)")
     ap.add_argument("--out", default="runs/train", help="run directory (default: runs/train)")
     for f in dataclasses.fields(TrainConfig):
-        if f.name in ("model", "data", "out", "resume", "progress", "buckets"):
+        if f.name in ("model", "data", "out", "resume", "progress", "buckets", "index_only", "messages_loss"):
             continue
         kind = {int: int, float: float, str: str}.get(type(f.default), None)
         if f.name in ("steps", "lora_r", "block_size", "stop_after"):
@@ -44,15 +50,23 @@ def parse(argv=None) -> TrainConfig:
                         help=HELP.get(f.name, f"default: {defaults[f.name]}"))
     ap.add_argument("--buckets", type=lambda s: tuple(int(x) for x in s.split(",")), default=(),
                     help="text length buckets, e.g. 256,512,1024 (default: powers of two up to --max-length)")
+    ap.add_argument("--messages-loss", choices=("all", "assistant"), default=defaults["messages_loss"],
+                    help="messages rows: supervise all tokens (TRL's default) or the assistant turns only")
+    ap.add_argument("--index-only", action="store_true",
+                    help="build (or load) the data index, print usable rows, skips, buckets and padding, exit")
     ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     ap.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     args = vars(ap.parse_args(argv))
     if args["model"] is None or args["data"] is None:
         if (args["model"] is None) != (args["data"] is None):
             ap.error("give both --model and --data, or neither (the embedded default)")
-        from iada_jax.embedded import prepare_embedded
+        from iada_jax.embedded import PREPROCESSOR_CONFIG, prepare_embedded
 
         args["model"], args["data"] = prepare_embedded()
+        size = PREPROCESSOR_CONFIG["size"]  # the tiny model's 64x64 images (64 visual tokens)
+        for name, value in (("min_pixels", size["shortest_edge"]), ("max_pixels", size["longest_edge"])):
+            if args[name] == defaults[name]:
+                args[name] = value
         # Sized for 2 CPU cores: float32 (CPU bf16 matmuls are slow), short buckets.
         for name, value in dict(dtype="float32", param_dtype="float32", remat="none", max_length=128,
                                 buckets=(128,), lora_lr=2e-3, iada_lr=1e-2, steps=300, batch_size=8,

@@ -272,8 +272,8 @@ class Runner:
                  "--out", run, "--exp", "D_iada_lora", "--batch-size", str(batch), "--grad-accum", str(accum),
                  "--max-length", str(length), "--buckets", str(length), "--dtype", dtype, "--param-dtype", dtype,
                  "--steps", "100000", "--save-every", "100000", "--no-progress", "--mesh-data", "1"]
-        if self.cpu:
-            train += ["--block-size", "2"]
+        if self.cpu:  # the tiny model's 64x64 images
+            train += ["--block-size", "2", "--min-pixels", "1024", "--max-pixels", "4096"]
         commands.append(shlex.join(["python"] + train[1:]))
         from iada_jax.train.metrics import read_metrics
 

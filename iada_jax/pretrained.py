@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 from typing import Callable
 
@@ -154,6 +155,22 @@ class Qwen3VL:
 def _default_block_size(num_layers: int) -> int:
     """The IADA default S = 4 where it divides L; else the largest divisor of L not above 4."""
     return max(s for s in range(1, 5) if num_layers % s == 0)
+
+
+def load_config(path: str | os.PathLike) -> tuple[Qwen3VLConfig, ImageProcessorConfig | None]:
+    """The model's config and image processing (preprocessor_config.json), reading no weights."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such folder (expected a converted checkpoint or an HF model folder)")
+    if is_base_checkpoint(path):
+        config = Qwen3VLConfig.from_hf_config(read_base_checkpoint(path)[0])
+    else:
+        with open(os.path.join(path, "config.json")) as f:
+            config = Qwen3VLConfig.from_hf_config(json.load(f))
+    image_config = None
+    if os.path.isfile(os.path.join(path, "preprocessor_config.json")):
+        image_config = ImageProcessorConfig.from_pretrained(path)
+    return config, image_config
 
 
 def load_pretrained(path: str | os.PathLike, dtype: str = "float32", fwd: ForwardConfig | None = None,

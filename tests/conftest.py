@@ -16,6 +16,10 @@ import tempfile
 # dominates its run time (about 30% less wall time); the numerics are XLA's HLO, unchanged.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
 
+# Data indexes (data/index.py) cached for this run only, not in the user's ~/.cache.
+os.environ["IADA_JAX_CACHE"] = tempfile.mkdtemp(prefix="iada-jax-test-cache-")
+atexit.register(shutil.rmtree, os.environ["IADA_JAX_CACHE"], True)
+
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")

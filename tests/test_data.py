@@ -103,7 +103,7 @@ def test_bad_rows_are_skipped_and_counted_and_no_usable_rows_is_an_error(embedde
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     data = SFTData(DataConfig(path=str(path), max_length=128, batch_size=2), tok, image_cfg(), model.config,
                    log=lambda *a: None)
-    assert sorted(data.bucket_of) == [0, 4]
+    assert data.usable_rows.tolist() == [0, 4]
     assert dict(data.skipped) == {"bad_image": 2, "empty_completion": 1}
     only_bad = tmp_path / "bad.jsonl"
     only_bad.write_text(json.dumps(row("missing.png")) + "\n")

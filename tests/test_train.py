@@ -24,7 +24,8 @@ def config(embedded, out, **kw) -> TrainConfig:
     ckpt, data, _, _ = embedded
     base = dict(model=ckpt, data=data, out=str(out), dtype="float32", param_dtype="float32", remat="none",
                 max_length=128, buckets=(128,), batch_size=8, grad_accum=1, steps=4, lora_lr=2e-3, iada_lr=1e-2,
-                warmup_ratio=0.0, save_every=1000, progress=False, workers=1, prefetch=2, mesh_data=1)
+                warmup_ratio=0.0, save_every=1000, progress=False, workers=1, prefetch=2, mesh_data=1,
+                min_pixels=1024, max_pixels=4096)  # the tiny model's 64x64 images
     base.update(kw)
     return TrainConfig(**base)
 
@@ -172,7 +173,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(embedded, tmp_path):
     out = tmp_path / "sig"
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--model", ckpt, "--data", data, "--out", str(out),
            "--steps", "100000", "--save-every", "100000", "--dtype", "float32", "--param-dtype", "float32",
-           "--remat", "none", "--max-length", "128", "--batch-size", "8", "--grad-accum", "1", "--block-size", "2",
+           "--remat", "none", "--max-length", "128", "--min-pixels", "1024", "--max-pixels", "4096", "--batch-size", "8", "--grad-accum", "1", "--block-size", "2",
            "--no-progress"]
     env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -239,6 +240,7 @@ def test_two_processes_train_as_one(embedded, tmp_path, one_device_run):
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--model", ckpt, "--data", data, "--out", str(out),
            "--steps", "3", "--batch-size", "8", "--grad-accum", "1", "--block-size", "2", "--dtype", "float32",
            "--param-dtype", "float32", "--remat", "none", "--max-length", "128", "--buckets", "128",
+           "--min-pixels", "1024", "--max-pixels", "4096",
            "--lora-lr", "2e-3", "--iada-lr", "1e-2", "--warmup-ratio", "0", "--workers", "1", "--no-progress"]
     procs = []
     for rank in range(2):

@@ -1,5 +1,14 @@
-"""Data: the `Batch` contract, and (later) readers, chat template, image processing, bucketing."""
+"""Data: the `Batch` contract (batch.py), SFT rows (sft.py), the row index (index.py), image
+processing, and the loader. `Batch` is imported on first use, so the index's worker processes
+import no JAX."""
 
-from iada_jax.data.batch import Batch
+
+def __getattr__(name):
+    if name == "Batch":
+        from iada_jax.data.batch import Batch
+
+        return Batch
+    raise AttributeError(name)
+
 
 __all__ = ["Batch"]

@@ -1,13 +1,15 @@
 """From a data set on disk to static-shape `Batch`es, deterministic and resumable.
 
 1. `SFTData` opens the rows with `datasets` (local parquet / json / jsonl / arrow files, a
-   `save_to_disk` folder, or a data set name found in the local cache) and makes one pass
-   that renders and tokenises every row without decoding pixels (image sizes suffice for
-   the token counts). Bad rows are skipped and counted by reason.
+   `save_to_disk` folder, or a data set name found in the local cache) and takes their index
+   (data/index.py: every row's token length without decoding a pixel, built over worker
+   processes once and cached on disk). Bad rows are skipped and counted by reason.
 2. Each epoch is a fixed plan: rows shuffled with (seed, epoch), grouped into batches of one
    text-length bucket each (incomplete batches dropped), so the step compiles once per
    bucket. A position (epoch, batch) identifies where a run is; resuming replays nothing.
 3. Batches are built ahead of the device in a background thread (image decoding in a pool).
+   Rows are read as Arrow stores them (images as bytes, decoded in the pool). A row whose image turns out to be undecodable only now (the index reads headers) becomes an
+   empty row of its batch (no loss, shapes unchanged), named in the log.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 from iada_jax.config import Qwen3VLConfig
 from iada_jax.data.batch import Batch
 from iada_jax.data.image_processing import ImageProcessorConfig
+from iada_jax.data.index import IndexSettings, RowIndex, build_index, describe
 from iada_jax.data.sft import BadRow, Example, build_example
 from iada_jax.data.vision_inputs import build_vision_inputs, frame_bucket, frame_sizes, scatter_index
 from iada_jax.positions import get_rope_index
@@ -39,7 +42,9 @@ class DataConfig:
     max_images: int = 1  # images per sample that a batch's vision bucket is sized for
     seed: int = 0
     prefetch: int = 4
-    workers: int = 2
+    workers: int = 2  # index processes and image-decoding threads
+    messages_loss: str = "all"  # messages rows: "all" tokens (TRL's default) or "assistant" turns only
+    index_cache: str | None = None  # folder of cached indexes (None: data/index.default_cache_dir(); "": none)
 
     def text_buckets(self) -> tuple[int, ...]:
         if self.buckets:
@@ -83,39 +88,61 @@ class SFTData:
 
     def __init__(self, cfg: DataConfig, tokenizer, image_config: ImageProcessorConfig, model_cfg: Qwen3VLConfig,
                  log=print):
-        self.cfg, self.tokenizer, self.image_config, self.model_cfg = cfg, tokenizer, image_config, model_cfg
+        self.cfg, self.tokenizer, self.image_config, self.model_cfg, self.log = cfg, tokenizer, image_config, model_cfg, log
         self.rows = open_rows(cfg.path, cfg.split)
-        self.skipped: collections.Counter = collections.Counter()
-        buckets = cfg.text_buckets()
-        self.bucket_of: dict[int, int] = {}
-        for i in range(len(self.rows)):
-            try:
-                ex = self._example(i, with_pixels=False)
-            except BadRow as e:
-                self.skipped[e.reason] += 1
-                continue
-            n_images = 0 if ex.image_grid_thw is None else len(ex.image_grid_thw)
-            if n_images > cfg.max_images:
-                self.skipped["too_many_images"] += 1
-                continue
-            self.bucket_of[i] = next(b for b in buckets if b >= len(ex.input_ids))
-        if not self.bucket_of:
-            raise ValueError(f"{cfg.path}: no usable rows out of {len(self.rows)} (skipped: {dict(self.skipped)})")
-        log(f"data: {len(self.bucket_of)} usable rows of {len(self.rows)} in {cfg.path}"
-            + (f"; skipped {dict(self.skipped)}" if self.skipped else ""))
+        self._arrow = self.rows.with_format("arrow")  # rows with images as stored: {"bytes", "path"}, not decoded
+        settings = IndexSettings(max_length=cfg.max_length, image=image_config,
+                                 merge_size=model_cfg.vision.spatial_merge_size, messages_loss=cfg.messages_loss)
+        self.index: RowIndex = build_index(self.rows, tokenizer, settings, source=cfg.path, workers=cfg.workers,
+                                           cache_dir=cfg.index_cache, log=log)
+        self.skipped: collections.Counter = self.index.skipped()
+        usable = self.index.usable & (self.index.images <= cfg.max_images)
+        too_many = int((self.index.usable & (self.index.images > cfg.max_images)).sum())
+        if too_many:
+            self.skipped["too_many_images"] += too_many
+        buckets = np.asarray(cfg.text_buckets())
+        self.usable_rows = np.flatnonzero(usable)
+        self.row_bucket = np.zeros(len(self.index), np.int32)
+        self.row_bucket[self.usable_rows] = buckets[np.searchsorted(buckets, self.index.lengths[self.usable_rows])]
+        if not len(self.usable_rows):
+            raise ValueError(f"{cfg.path}: no usable rows out of {len(self.rows)} (skipped: {dict(self.skipped)}; "
+                             f"e.g. {self._first_bad()})")
+        log(f"data: {len(self.usable_rows)} usable rows of {len(self.rows)} in {cfg.path}"
+            + (f"; skipped {dict(self.skipped)} (e.g. {self._first_bad()})" if self.skipped else ""))
+
+    def _first_bad(self) -> str:
+        return "; ".join(f"row {r}: {self.index.reason_names[self.index.reasons[r]]}: {d}"
+                         for r, d in list(sorted(self.index.details.items()))[:3])
+
+    def describe(self) -> str:
+        return describe(self.index, self.cfg.text_buckets(), self.cfg.max_images)
+
+    def row(self, i: int) -> dict:
+        return self._arrow[i].to_pylist()[0]
 
     def _example(self, i: int, with_pixels: bool) -> Example:
-        return build_example(self.tokenizer, self.rows[i], self.image_config, self.model_cfg.vision.spatial_merge_size,
-                             self.cfg.max_length, with_pixels=with_pixels)
+        return build_example(self.tokenizer, self.row(i), self.image_config, self.model_cfg.vision.spatial_merge_size,
+                             self.cfg.max_length, with_pixels=with_pixels, messages_loss=self.cfg.messages_loss)
+
+    def load_example(self, i: int) -> Example:
+        """Row i with its pixels, as indexed; an image that cannot be decoded gives an empty row."""
+        try:
+            ex = self._example(i, with_pixels=True)
+        except BadRow as e:
+            self.log(f"data: row {i} is unusable at load time ({e}); it is an empty row of its batch")
+            return Example(np.zeros(0, np.int32), np.zeros(0, np.int32), None, None)
+        if len(ex.input_ids) != self.index.lengths[i]:
+            raise RuntimeError(f"row {i}: {len(ex.input_ids)} tokens now, {self.index.lengths[i]} when indexed "
+                               f"({self.index.path or 'not cached'}); delete the index file and restart")
+        return ex
 
     # ------------------------------------------------------------------ planning
     def epoch_plan(self, epoch: int) -> list[tuple[int, list[int]]]:
         """[(text length, row indices)] for one epoch; the same for the same (seed, epoch)."""
-        order = np.random.default_rng([self.cfg.seed, epoch]).permutation(sorted(self.bucket_of))
+        order = np.random.default_rng([self.cfg.seed, epoch]).permutation(self.usable_rows)
         pending: dict[int, list[int]] = collections.defaultdict(list)
         plan = []
-        for i in order.tolist():
-            b = self.bucket_of[i]
+        for i, b in zip(order.tolist(), self.row_bucket[order].tolist()):
             pending[b].append(i)
             if len(pending[b]) == self.cfg.batch_size:
                 plan.append((b, pending.pop(b)))
@@ -127,7 +154,7 @@ class SFTData:
     # ------------------------------------------------------------------ building
     def make_batch(self, length: int, rows: list[int], pool=None) -> Batch:
         mapper = pool.map if pool is not None else map
-        examples = list(mapper(lambda i: self._example(i, with_pixels=True), rows))
+        examples = list(mapper(self.load_example, rows))
         return collate(examples, length, self.model_cfg, self.cfg.max_images)
 
     def iterate(self, start: tuple[int, int] = (0, 0), epochs: int | None = None):

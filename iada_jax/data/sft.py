@@ -26,7 +26,7 @@ import io
 import os
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from iada_jax.data.image_processing import ImageProcessorConfig, preprocess_images, smart_resize
 
@@ -73,6 +73,12 @@ def _open(item, prefix: bool = False) -> Image.Image:
     raise BadRow("bad_image", f"cannot read an image from {type(item).__name__}")
 
 
+def _unreadable(e: Exception) -> BadRow:
+    if isinstance(e, UnidentifiedImageError):  # its message holds a memory address: say it plainly
+        return BadRow("bad_image", "unreadable image (not a format PIL can read)")
+    return BadRow("bad_image", f"unreadable image ({type(e).__name__}: {e})")
+
+
 def image_size(item) -> tuple[int, int]:
     """(height, width) from the image's header; pixels are not decoded."""
     if isinstance(item, Image.Image):
@@ -89,7 +95,7 @@ def image_size(item) -> tuple[int, int]:
     except BadRow:
         raise
     except Exception as e:  # missing, unknown or corrupt files
-        raise BadRow("bad_image", f"unreadable image ({type(e).__name__}: {e})") from None
+        raise _unreadable(e) from None
 
 
 def load_image(item) -> Image.Image:
@@ -102,7 +108,7 @@ def load_image(item) -> Image.Image:
     except BadRow:
         raise
     except Exception as e:  # missing, truncated or corrupt files
-        raise BadRow("bad_image", f"unreadable image ({type(e).__name__}: {e})") from None
+        raise _unreadable(e) from None
     return image.convert("RGB")
 
 

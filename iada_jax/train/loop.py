@@ -75,6 +75,14 @@ class TrainConfig:
     init_adapters: str | None = None  # start from these adapters (convert import-peft output, a run dir)
     max_images: int = 1
     buckets: tuple[int, ...] = ()
+    # Image size limits (pixels after resizing; a 32x32-pixel square is one visual token at
+    # Qwen3-VL's patch 16 and merge 2): lmms-eval 0.7.3's qwen3_vl model, so training sees
+    # images as the paper's evaluation does (196 to 1568 visual tokens); README "Images".
+    min_pixels: int = 200704
+    max_pixels: int = 1605632
+    messages_loss: str = "all"  # messages rows: "all" tokens (TRL's default) or "assistant" turns only
+    index_cache: str | None = None  # folder of cached row indexes (default ~/.cache/iada_jax/index; "" none)
+    index_only: bool = False  # build or load the index, print what it holds, exit
     workers: int = 2
     prefetch: int = 4
     progress: bool = True
@@ -133,13 +141,22 @@ def _start_from(trainable: dict, start, where: str) -> dict:
 
 def _load(cfg: TrainConfig, mesh, log):
     """The model with its base weights read a leaf at a time straight onto the mesh (each device
-    receives only its shards; no full copy on one device), its tokenizer and image processing."""
-    from transformers import AutoTokenizer
-
+    receives only its shards; no full copy on one device)."""
     from iada_jax.pretrained import load_pretrained
 
     model = load_pretrained(cfg.model, dtype=cfg.param_dtype,
                             shardings=lambda config, params: param_shardings(params, config, mesh))
+    log(f"model: {cfg.model} ({model.config.text.num_hidden_layers} layers, d={model.config.text.hidden_size})")
+    return model
+
+
+def _data(cfg: TrainConfig, log) -> SFTData:
+    """The tokenizer, the image processing with this run's pixel limits, and the indexed data
+    (needs the model's config and tokenizer files only, not its weights)."""
+    from transformers import AutoTokenizer
+
+    from iada_jax.pretrained import load_config
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     except Exception as e:
@@ -147,12 +164,20 @@ def _load(cfg: TrainConfig, mesh, log):
                             "tokenizer and its chat template") from None
     if tokenizer.chat_template is None:
         raise TrainingError(f"{cfg.model}: the tokenizer has no chat template")
-    image_config = model.image_config or ImageProcessorConfig()
-    log(f"model: {cfg.model} ({model.config.text.num_hidden_layers} layers, d={model.config.text.hidden_size})")
-    return model, tokenizer, image_config
+    mcfg, image_config = load_config(cfg.model)
+    image_config = dataclasses.replace(image_config or ImageProcessorConfig(), min_pixels=cfg.min_pixels,
+                                       max_pixels=cfg.max_pixels)
+    return SFTData(DataConfig(path=cfg.data, max_length=cfg.max_length, batch_size=cfg.batch_size,
+                              buckets=cfg.buckets, max_images=cfg.max_images, seed=cfg.seed,
+                              prefetch=cfg.prefetch, workers=cfg.workers, messages_loss=cfg.messages_loss,
+                              index_cache=cfg.index_cache), tokenizer, image_config, mcfg, log=log)
 
 
 def fit(cfg: TrainConfig, log=print) -> dict:
+    if cfg.index_only:
+        data = _data(cfg, log)
+        log(data.describe())
+        return {"index": data.index.path, "skipped": dict(data.skipped), "losses": [], "step": 0}
     initialize_distributed()
     used = [n for n in ("checkpoints", "metrics.jsonl", "final") if os.path.exists(os.path.join(cfg.out, n))]
     if used and not cfg.resume:
@@ -163,15 +188,13 @@ def fit(cfg: TrainConfig, log=print) -> dict:
     mesh = make_mesh(cfg.mesh_data, cfg.mesh_fsdp)
     if cfg.batch_size % mesh.size:
         raise TrainingError(f"batch_size={cfg.batch_size} is not a multiple of the {mesh.size} devices of the mesh")
-    model, tokenizer, image_config = _load(cfg, mesh, log)
+    data = _data(cfg, log)
+    model = _load(cfg, mesh, log)
     mcfg = model.config
     block = exp.iada.block_size if exp.iada is not None else model.fwd.block_size
     fwd = ForwardConfig(block_size=block, remat=cfg.remat, attention=cfg.attention, dtype=cfg.dtype)
     fwd.check(mcfg.text)
 
-    data = SFTData(DataConfig(path=cfg.data, max_length=cfg.max_length, batch_size=cfg.batch_size,
-                              buckets=cfg.buckets, max_images=cfg.max_images, seed=cfg.seed,
-                              prefetch=cfg.prefetch, workers=cfg.workers), tokenizer, image_config, mcfg, log=log)
     per_epoch = data.batches_per_epoch()
     if per_epoch == 0:
         raise TrainingError(f"fewer usable rows than one batch of {cfg.batch_size} per length bucket")
@@ -191,7 +214,8 @@ def fit(cfg: TrainConfig, log=print) -> dict:
 
     with open(os.path.join(cfg.out, "config.json"), "w") as f:
         json.dump({"train": dataclasses.asdict(cfg), "lora": dataclasses.asdict(exp.lora) if exp.lora else None,
-                   "iada": dataclasses.asdict(exp.iada) if exp.iada else None, "total_steps": total_steps}, f, indent=1)
+                   "iada": dataclasses.asdict(exp.iada) if exp.iada else None, "total_steps": total_steps,
+                   "image": dataclasses.asdict(data.image_config), "index": data.index.path}, f, indent=1)
 
     ckpts = RunCheckpoints(cfg.out, keep=cfg.keep)
     position = (0, 0)

@@ -1,0 +1,338 @@
+"""The row index: every row's token length, image count and visual tokens, or why it cannot be
+used, from one pass that never decodes pixels, cached on disk.
+
+What one row costs: its images' sizes from their headers (the first 64 KB of the bytes, read
+zero-copy from the memory-mapped Arrow table), the chat template rendered with one
+`<|image_pad|>` per image, and its segments tokenised in batches; the image tokens are then
+counted in (sft.assemble, the same function that builds training examples, so the index length
+is the example's length). Rows are processed in chunks over `workers` processes (spawned: they
+import no JAX), with progress and rows/s in the log.
+
+The cache file is keyed by everything the result depends on: the data set's fingerprint and its
+files' sizes and modification times, the tokenizer (its full serialisation) and chat template,
+max_length, the image geometry and pixel limits, the messages loss mode and INDEX_VERSION. A
+restart or resume with the same settings loads it in well under a second.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import os
+import time
+
+import numpy as np
+
+from iada_jax.data.image_processing import ImageProcessorConfig
+from iada_jax.data.sft import (HEADER_BYTES, IMAGE_PAD, BadRow, assemble, image_grid, image_size, render_segments,
+                               tokenize_segments)
+
+INDEX_VERSION = 1
+CHUNK = 512
+OK = "ok"
+
+
+def default_cache_dir() -> str:
+    """$IADA_JAX_CACHE/index, else $XDG_CACHE_HOME/iada_jax/index, else ~/.cache/iada_jax/index."""
+    root = os.environ.get("IADA_JAX_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "iada_jax")
+    return os.path.join(root, "index")
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexSettings:
+    """Everything besides the rows and the tokenizer that a row's tokens depend on."""
+
+    max_length: int
+    image: ImageProcessorConfig
+    merge_size: int
+    messages_loss: str = "all"
+
+
+@dataclasses.dataclass
+class RowIndex:
+    """Per row: tokens (after truncation; 0 if unusable), images, merged visual tokens, the
+    largest image's patches (its vision frame), and a reason code (0 = usable)."""
+
+    lengths: np.ndarray  # int32 [rows]
+    images: np.ndarray  # int16 [rows]
+    visual_tokens: np.ndarray  # int32 [rows]
+    frame_patches: np.ndarray  # int32 [rows]
+    reasons: np.ndarray  # int8 [rows], into reason_names
+    reason_names: list[str]
+    details: dict[int, str]  # row -> what was wrong, for every unusable row
+    key: str = ""
+    path: str = ""
+    seconds: float = 0.0  # to build (0 when loaded)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def usable(self) -> np.ndarray:
+        return self.reasons == 0
+
+    def skipped(self) -> collections.Counter:
+        counts = np.bincount(self.reasons, minlength=len(self.reason_names))
+        return collections.Counter({self.reason_names[r]: int(n) for r, n in enumerate(counts) if r and n})
+
+    def save(self, path: str) -> None:
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "wb") as f:
+            np.savez(f, lengths=self.lengths, images=self.images, visual_tokens=self.visual_tokens,
+                     frame_patches=self.frame_patches, reasons=self.reasons,
+                     meta=np.frombuffer(json.dumps({"reason_names": self.reason_names, "key": self.key,
+                                                    "details": {str(k): v for k, v in self.details.items()},
+                                                    "seconds": self.seconds}).encode(), np.uint8))
+        os.replace(tmp, path)  # atomic: a reader never sees half a file
+
+    @classmethod
+    def load(cls, path: str) -> "RowIndex":
+        with np.load(path) as z:
+            meta = json.loads(z["meta"].tobytes().decode())
+            return cls(z["lengths"], z["images"], z["visual_tokens"], z["frame_patches"], z["reasons"],
+                       meta["reason_names"], {int(k): v for k, v in meta["details"].items()}, meta["key"], path,
+                       0.0)
+
+
+# ---------------------------------------------------------------------- the cache key
+def _file_stats(source: str) -> list:
+    if not source or not os.path.exists(source):
+        return []
+    files = [source] if os.path.isfile(source) else sorted(
+        os.path.join(d, f) for d, _, names in os.walk(source) for f in names)
+    return [(os.path.relpath(f, source) if f != source else os.path.basename(f), os.path.getsize(f),
+             os.stat(f).st_mtime_ns) for f in files]
+
+
+def _tokenizer_digest(tokenizer) -> str:
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update(backend.to_str().encode() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
+    h.update(json.dumps(sorted(map(str, tokenizer.all_special_tokens))).encode())
+    h.update((tokenizer.chat_template or "").encode())
+    return h.hexdigest()
+
+
+def index_key(rows, tokenizer, settings: IndexSettings, source: str = "") -> str:
+    """The cache key: data (fingerprint, size, columns, files), tokenizer + template, settings."""
+    data = {"version": INDEX_VERSION, "fingerprint": getattr(rows, "_fingerprint", None), "rows": len(rows),
+            "columns": list(rows.column_names), "files": _file_stats(source),
+            "settings": dataclasses.asdict(settings), "tokenizer": _tokenizer_digest(tokenizer)}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+# ---------------------------------------------------------------------- one chunk of rows
+def _image_column(names) -> str | None:
+    return "images" if "images" in names else "image" if "image" in names else None
+
+
+def _chunk_images(table, column: str | None) -> list[list]:
+    """Per row, its image items with at most the header prefix of their bytes (zero-copy slices)."""
+    import pyarrow as pa
+
+    n = table.num_rows
+    if column is None:
+        return [[] for _ in range(n)]
+    col = table.column(column).combine_chunks()
+    single = not (pa.types.is_list(col.type) or pa.types.is_large_list(col.type))
+    if single:  # one image per row
+        values, offsets = col, np.arange(n + 1)
+        valid = np.asarray(col.is_valid())
+    else:
+        values, offsets = col.flatten(), col.offsets.to_numpy(zero_copy_only=False)
+        valid = np.asarray(col.is_valid())
+        if col.offset:  # a sliced list array: flatten() starts at its first value
+            offsets = offsets - offsets[0]
+    items = []
+    if pa.types.is_struct(values.type):
+        fields = {values.type.field(i).name for i in range(values.type.num_fields)}
+        data = values.field("bytes") if "bytes" in fields else None
+        paths = values.field("path") if "path" in fields else None
+        for j in range(len(values)):
+            b = data[j] if data is not None else None
+            if b is not None and b.is_valid:
+                buf = b.as_buffer()  # zero-copy view of the memory-mapped file
+                items.append({"bytes": memoryview(buf)[:HEADER_BYTES] if buf.size > HEADER_BYTES else buf.to_pybytes(),
+                              "full": buf, "path": None})
+            elif paths is not None and paths[j].is_valid:
+                items.append({"bytes": None, "path": paths[j].as_py()})
+            else:
+                items.append(None)
+    else:  # plain strings (paths) or binary
+        items = values.to_pylist()
+    out = []
+    for r in range(n):
+        out.append(items[offsets[r]:offsets[r + 1]] if valid[r] else [])
+    return out
+
+
+def _size(item) -> tuple[int, int]:
+    if item is None:
+        raise BadRow("bad_image", "the image is empty (no bytes and no path)")
+    if isinstance(item, dict) and "full" in item:
+        try:
+            return image_size({"bytes": item["bytes"], "path": None})
+        except BadRow:
+            if item["bytes"] is item["full"] or len(item["bytes"]) >= item["full"].size:
+                raise
+            return image_size({"bytes": memoryview(item["full"]), "path": None})  # the header is longer
+    if isinstance(item, (bytes, bytearray)):
+        return image_size({"bytes": item, "path": None})
+    return image_size(item)
+
+
+def index_chunk(rows, start: int, stop: int, tokenizer, settings: IndexSettings) -> dict:
+    """Rows [start, stop): lengths, images, visual tokens, frame patches, reasons (names)."""
+    table = rows.with_format("arrow")[start:stop]
+    column = _image_column(table.column_names)
+    images = _chunk_images(table, column)
+    texts = table.drop_columns([column]).to_pylist() if column else table.to_pylist()
+    n = stop - start
+    out = {"lengths": np.zeros(n, np.int32), "images": np.zeros(n, np.int16), "visual_tokens": np.zeros(n, np.int32),
+           "frame_patches": np.zeros(n, np.int32), "reasons": [OK] * n, "details": {}}
+    cfg, merge = settings.image, settings.merge_size
+    pending = []  # (row, segments, counts)
+    for r in range(n):
+        try:
+            grids = [image_grid(_size(x), cfg) for x in images[r]]
+            counts = [t * h * w // merge**2 for t, h, w in grids]
+            segments = render_segments(tokenizer, texts[r], len(grids), settings.messages_loss)
+        except BadRow as e:
+            out["reasons"][r], out["details"][start + r] = e.reason, e.detail
+            continue
+        out["images"][r] = len(grids)
+        out["visual_tokens"][r] = sum(counts)
+        out["frame_patches"][r] = max((t * h * w for t, h, w in grids), default=0)
+        pending.append((r, segments, counts))
+    flat = tokenize_segments(tokenizer, [t for _, segs, _ in pending for t, _ in segs])
+    pad_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+    k = 0
+    for r, segments, counts in pending:
+        ids = flat[k:k + len(segments)]
+        k += len(segments)
+        try:
+            tokens, _ = assemble(ids, [s for _, s in segments], counts, pad_id, settings.max_length)
+        except BadRow as e:
+            out["reasons"][r], out["details"][start + r] = e.reason, e.detail
+            continue
+        out["lengths"][r] = len(tokens)
+    return out
+
+
+# ---------------------------------------------------------------------- worker processes
+_WORKER: dict = {}
+
+
+def _init_worker(rows, tokenizer, settings):
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker process: they are the parallelism
+    _WORKER.update(rows=rows, tokenizer=tokenizer, settings=settings)
+
+
+def _work(span):
+    return span[0], index_chunk(_WORKER["rows"], span[0], span[1], _WORKER["tokenizer"], _WORKER["settings"])
+
+
+# ---------------------------------------------------------------------- build or load
+def build_index(rows, tokenizer, settings: IndexSettings, *, source: str = "", workers: int = 2,
+                cache_dir: str | None = None, log=print) -> RowIndex:
+    """The index of `rows` (a `datasets.Dataset`), loaded from `cache_dir` when it holds one for
+    these exact rows and settings, else built (over `workers` processes) and saved there.
+    cache_dir="" disables the cache."""
+    t0 = time.perf_counter()
+    key = index_key(rows, tokenizer, settings, source)
+    cache_dir = default_cache_dir() if cache_dir is None else cache_dir
+    path = os.path.join(cache_dir, f"{key}.npz") if cache_dir else ""
+    if path and os.path.isfile(path):
+        try:
+            index = RowIndex.load(path)
+        except Exception as e:  # a damaged file: rebuild it
+            log(f"index: cannot read {path} ({e}); rebuilding it")
+        else:
+            if len(index) == len(rows):
+                log(f"index: {len(index)} rows from the cache {path} ({time.perf_counter() - t0:.2f} s)")
+                return index
+    n = len(rows)
+    spans = [(s, min(s + CHUNK, n)) for s in range(0, n, CHUNK)]
+    parts: dict[int, dict] = {}
+    done, last = 0, time.perf_counter()
+
+    def progress(rows_done: int, final: bool = False) -> None:
+        nonlocal last
+        now = time.perf_counter()
+        if final or now - last >= 5.0:
+            rate = rows_done / max(now - t0, 1e-9)
+            left = (n - rows_done) / rate if rate > 0 else float("inf")
+            log(f"index: {rows_done}/{n} rows ({100 * rows_done / max(n, 1):.0f}%), {rate:.0f} rows/s"
+                + ("" if final else f", about {left:.0f} s left"))
+            last = now
+
+    if workers <= 1 or len(spans) <= 1:
+        for s, e in spans:
+            parts[s] = index_chunk(rows, s, e, tokenizer, settings)
+            done += e - s
+            progress(done)
+    else:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")  # the parent may run JAX threads: no fork
+        with ctx.Pool(min(workers, len(spans)), initializer=_init_worker, initargs=(rows, tokenizer, settings)) as pool:
+            for s, part in pool.imap_unordered(_work, spans):
+                parts[s] = part
+                done += len(part["lengths"])
+                progress(done)
+    progress(n, final=True)
+    order = [parts[s] for s, _ in spans]
+    names = [OK] + sorted({r for p in order for r in p["reasons"]} - {OK})
+    code = {name: i for i, name in enumerate(names)}
+    index = RowIndex(
+        lengths=np.concatenate([p["lengths"] for p in order]) if order else np.zeros(0, np.int32),
+        images=np.concatenate([p["images"] for p in order]) if order else np.zeros(0, np.int16),
+        visual_tokens=np.concatenate([p["visual_tokens"] for p in order]) if order else np.zeros(0, np.int32),
+        frame_patches=np.concatenate([p["frame_patches"] for p in order]) if order else np.zeros(0, np.int32),
+        reasons=np.asarray([code[r] for p in order for r in p["reasons"]], np.int8),
+        reason_names=names, details={k: v for p in order for k, v in p["details"].items()},
+        key=key, path=path, seconds=time.perf_counter() - t0)
+    if path:
+        os.makedirs(cache_dir, exist_ok=True)
+        index.save(path)
+        log(f"index: built in {index.seconds:.1f} s, saved to {path}")
+    return index
+
+
+def describe(index: RowIndex, buckets: tuple[int, ...], max_images: int, examples_per_reason: int = 3) -> str:
+    """What `train.py --index-only` prints: usable rows, skips by reason (naming rows), rows and
+    padding per length bucket, images per row."""
+    usable = index.usable & (index.images <= max_images)
+    lines = [f"rows: {len(index)}; usable: {int(usable.sum())}"]
+    skipped = index.skipped()
+    too_many = int((index.usable & (index.images > max_images)).sum())
+    if too_many:
+        skipped[f"too_many_images (> --max-images {max_images})"] = too_many
+    for reason, count in sorted(skipped.items(), key=lambda kv: -kv[1]):
+        code = index.reason_names.index(reason) if reason in index.reason_names else None
+        rows = np.flatnonzero(index.reasons == code)[:examples_per_reason] if code is not None else []
+        named = "; ".join(f"row {r}: {index.details.get(int(r), '')}" for r in rows)
+        lines.append(f"  skipped {count:>8} {reason}" + (f"  (e.g. {named})" if named else ""))
+    lengths = index.lengths[usable]
+    lines.append("length bucket      rows   real tokens   padding")
+    lower = 0
+    for b in buckets:
+        sel = (lengths > lower) & (lengths <= b)
+        k = int(sel.sum())
+        pad = 1.0 - float(lengths[sel].sum()) / (k * b) if k else 0.0
+        lines.append(f"  {lower + 1:>5}-{b:<6} {k:>9} {int(lengths[sel].sum()):>13}   {100 * pad:5.1f}%")
+        lower = b
+    total_slots = sum(int(((lengths > lo) & (lengths <= b)).sum()) * b for lo, b in zip((0,) + buckets[:-1], buckets))
+    if total_slots:
+        lines.append(f"  all buckets: {100 * (1 - float(lengths.sum()) / total_slots):.1f}% of token slots are padding")
+    counts = collections.Counter(index.images[usable].tolist())
+    lines.append("images per row: " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
+    if usable.any():
+        vt = index.visual_tokens[usable]
+        lines.append(f"visual tokens per row: mean {vt.mean():.0f}, max {vt.max()}; "
+                     f"tokens per row: mean {lengths.mean():.0f}, max {lengths.max()}")
+    return "\n".join(lines)
+

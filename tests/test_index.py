@@ -1,0 +1,163 @@
+"""The row index (data/index.py): the lengths it records are the lengths of the examples the
+loader builds, it reads image headers only, it is cached and keyed by everything it depends
+on, bad rows are counted with their reason and named, and `train.py --index-only` reports it."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import datasets
+import numpy as np
+import pytest
+from PIL import Image
+
+from iada_jax.data import index as index_mod
+from iada_jax.data.image_processing import ImageProcessorConfig
+from iada_jax.data.index import IndexSettings, build_index
+from iada_jax.data.loader import DataConfig, SFTData, open_rows
+from iada_jax.data.sft import BadRow, build_example
+
+CFG = ImageProcessorConfig(patch_size=4, merge_size=2, min_pixels=1024, max_pixels=4096)
+
+
+def jpeg(size=(64, 48), seed=0, comment: bytes = b"") -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), np.uint8)).save(buf, format="JPEG")
+    data = buf.getvalue()
+    if comment:  # COM segments right after SOI: the frame header moves past them
+        segments = b"".join(b"\xff\xfe" + (len(c) + 2).to_bytes(2, "big") + c
+                            for c in [comment[i:i + 60000] for i in range(0, len(comment), 60000)])
+        data = data[:2] + segments + data[2:]
+    return data
+
+
+def rows_for_test():
+    big_header = jpeg((40, 72), 7, comment=b"x" * 150_000)  # header beyond the 64 KB prefix
+    full = jpeg((64, 64), 8)
+    truncated = full[:len(full) // 2]  # a valid header, a body cut short: only decoding finds out
+    q = lambda text: [{"role": "user", "content": text}]  # noqa: E731
+    a = lambda text: [{"role": "assistant", "content": text}]  # noqa: E731
+    rows = [
+        {"images": [jpeg(seed=1)], "prompt": q("What colour?"), "completion": a("Red.")},
+        {"images": [big_header], "prompt": q("Tall or wide?"), "completion": a("Tall, and narrow.")},
+        {"images": [], "prompt": q("2+2?"), "completion": a("4")},
+        {"images": [b"not an image"], "prompt": q("?"), "completion": a("x")},
+        {"images": [jpeg(seed=2)], "prompt": q("Long?"), "completion": a("word " * 300)},  # truncated answer
+        {"images": [jpeg(seed=3)], "prompt": q("q " * 200), "completion": a("x")},  # prompt too long
+        {"images": [truncated], "prompt": q("Broken?"), "completion": a("Yes.")},
+        {"images": [jpeg(seed=4), jpeg(seed=5)], "prompt": q("Two?"), "completion": a("Two.")},
+        {"images": [jpeg(seed=6)], "prompt": q("Empty?"), "completion": a("  ")},
+    ]
+    return [dict(r, images=[{"bytes": b, "path": None} for b in r["images"]]) for r in rows]
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("index") / "rows.parquet"
+    ds = datasets.Dataset.from_list(rows_for_test() * 3)  # 27 rows: several chunks of 4
+    ds.cast_column("images", datasets.List(datasets.Image())).to_parquet(str(path))
+    return str(path)
+
+
+def settings(max_length=256, **image):
+    return IndexSettings(max_length=max_length, image=ImageProcessorConfig(**{**CFG.__dict__, **image}), merge_size=2)
+
+
+def test_index_lengths_are_the_loaders_lengths_and_bad_rows_have_reasons(embedded, data_file, tmp_path, monkeypatch):
+    _, _, tok, _ = embedded
+    rows = open_rows(data_file)
+    monkeypatch.setattr(index_mod, "CHUNK", 4)  # 7 chunks over 2 spawned worker processes
+    logs = []
+    index = build_index(rows, tok, settings(), source=data_file, workers=2, cache_dir=str(tmp_path), log=logs.append)
+    assert any("rows/s" in line for line in logs) and any("saved to" in line for line in logs)
+    arrow = rows.with_format("arrow")
+    for i in range(len(rows)):
+        row = arrow[i].to_pylist()[0]
+        try:
+            ex = build_example(tok, row, CFG, 2, 256, with_pixels=False)
+        except BadRow as e:
+            assert index.reason_names[index.reasons[i]] == e.reason, i
+            assert index.details[i] == e.detail
+            continue
+        assert index.reasons[i] == 0, (i, index.details.get(i))
+        assert index.lengths[i] == len(ex.input_ids), i
+        grid = np.zeros((0, 3), np.int64) if ex.image_grid_thw is None else ex.image_grid_thw
+        assert index.images[i] == len(grid)
+        assert index.visual_tokens[i] == int(np.prod(grid, axis=1).sum()) // 4
+    assert dict(index.skipped()) == {"bad_image": 3, "too_long": 3, "empty_completion": 3}
+    assert index.lengths[4] == 256  # the answer is cut at max_length, the prompt is whole
+    assert index.images[1] == 1 and index.visual_tokens[1] > 0  # the 150 KB header was read in full
+    assert index.reasons[6] == 0  # the truncated body is not found without decoding
+
+
+def test_the_cache_is_reused_and_keyed_by_what_the_index_depends_on(embedded, data_file, tmp_path):
+    _, _, tok, _ = embedded
+    rows = open_rows(data_file)
+    first = build_index(rows, tok, settings(), source=data_file, workers=1, cache_dir=str(tmp_path), log=lambda *a: None)
+    logs = []
+    again = build_index(rows, tok, settings(), source=data_file, workers=1, cache_dir=str(tmp_path), log=logs.append)
+    assert "from the cache" in logs[0] and again.path == first.path
+    for name in ("lengths", "images", "visual_tokens", "frame_patches", "reasons"):
+        np.testing.assert_array_equal(getattr(again, name), getattr(first, name))
+    assert again.details == first.details
+    keys = {first.key}
+    for changed in (settings(max_length=128), settings(max_pixels=2048), settings(min_pixels=2048),
+                    IndexSettings(256, CFG, 2, messages_loss="assistant")):
+        keys.add(build_index(rows, tok, changed, source=data_file, workers=1, cache_dir=str(tmp_path),
+                             log=lambda *a: None).key)
+    import copy
+
+    other = copy.deepcopy(tok)
+    other.chat_template = tok.chat_template.replace("<|im_start|>", "<|im_start|> ")
+    keys.add(build_index(rows, other, settings(), source=data_file, workers=1, cache_dir=str(tmp_path),
+                         log=lambda *a: None).key)
+    assert len(keys) == 6 and len(os.listdir(tmp_path)) == 6
+    assert build_index(rows, tok, settings(max_length=128), source=data_file, workers=1, cache_dir=str(tmp_path),
+                       log=lambda *a: None).lengths[4] == 128
+
+
+def test_an_image_that_only_decoding_finds_broken_is_an_empty_named_row(embedded, data_file):
+    _, _, tok, model = embedded
+    logs = []
+    data = SFTData(DataConfig(path=data_file, max_length=256, batch_size=2, buckets=(256,), workers=1,
+                              max_images=2), tok, CFG, model.config, log=logs.append)
+    assert "row 3: bad_image" in logs[-1]  # the log names bad rows
+    batch = data.make_batch(256, [6, 0])
+    assert any("row 6 is unusable at load time" in line for line in logs)
+    assert batch.attention_mask[0].sum() == 0 and batch.loss_mask[0].sum() == 0
+    assert batch.attention_mask[1].sum() == data.index.lengths[0]
+    described = data.describe()
+    assert "skipped        3 bad_image" in described and "row 3:" in described and "padding" in described
+
+
+def test_train_index_only_reports_and_the_config_records_the_pixel_limits(embedded, tmp_path, capsys):
+    import train
+
+    ckpt, data, _, _ = embedded
+    rc = train.main(["--model", ckpt, "--data", data, "--out", str(tmp_path / "run"), "--index-only",
+                     "--max-length", "128", "--min-pixels", "1024", "--max-pixels", "4096", "--workers", "1"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "usable: 48" in out and "length bucket" in out and "images per row: 1: 48" in out
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")  # nothing trained
+    # Images enlarged to 16384 pixels (256 visual tokens) push every row past max_length: the
+    # limits reach the index, and an unusable data set is an error naming rows.
+    rc = train.main(["--model", ckpt, "--data", data, "--out", str(tmp_path / "run"), "--index-only",
+                     "--max-length", "128", "--min-pixels", "16384", "--max-pixels", "16384", "--workers", "1"])
+    captured = capsys.readouterr()
+    assert rc == 1 and "no usable rows" in captured.err and "row 0: too_long" in captured.err
+
+
+def test_config_json_records_pixel_limits_and_index(embedded, tmp_path):
+    from iada_jax.train.loop import TrainConfig, fit
+
+    ckpt, data, _, _ = embedded
+    cfg = TrainConfig(model=ckpt, data=data, out=str(tmp_path / "r"), dtype="float32", param_dtype="float32",
+                      remat="none", max_length=128, buckets=(128,), batch_size=8, grad_accum=1, steps=1,
+                      progress=False, workers=1, mesh_data=1, min_pixels=1024, max_pixels=4096, block_size=2)
+    fit(cfg, log=lambda *a: None)
+    saved = json.load(open(tmp_path / "r" / "config.json"))
+    assert saved["train"]["min_pixels"] == 1024 and saved["image"]["max_pixels"] == 4096
+    assert saved["index"].endswith(".npz") and os.path.isfile(saved["index"])
