@@ -45,6 +45,28 @@ def _embedded(names: list[str], log) -> tuple[str, str]:
     return ckpt, data
 
 
+def pixel_limits(args, embedded: bool) -> dict:
+    """min/max pixels: the flags, else the training run's (its config.json), else lmms-eval's
+    qwen3_vl (200704, 1605632), or the embedded tiny model's own."""
+    import json
+
+    from iada_jax.train.loop import TrainConfig
+
+    limits = {"min_pixels": TrainConfig.min_pixels, "max_pixels": TrainConfig.max_pixels}
+    if embedded:
+        from iada_jax.embedded import PREPROCESSOR_CONFIG
+
+        limits = {"min_pixels": PREPROCESSOR_CONFIG["size"]["shortest_edge"],
+                  "max_pixels": PREPROCESSOR_CONFIG["size"]["longest_edge"]}
+    run_config = os.path.join(args.adapter or "", "config.json")
+    if args.adapter and os.path.isfile(run_config):
+        with open(run_config) as f:
+            train = json.load(f).get("train", {})
+        limits.update({k: train[k] for k in limits if train.get(k) is not None})
+    limits.update({k: getattr(args, k) for k in limits if getattr(args, k) is not None})
+    return limits
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="eval.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="converted checkpoint or HF folder with its tokenizer (default: the embedded tiny model)")
@@ -60,6 +82,11 @@ def main(argv=None) -> int:
                     help="generate answers (lmms-eval), or pick multiple-choice options by log-likelihood")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="default: each benchmark's")
     ap.add_argument("--max-length", type=int, default=4096, help="prompt tokens, images included")
+    ap.add_argument("--min-pixels", type=int, default=None,
+                    help="images resized to at least this many pixels (default: the --adapter run's training "
+                         "setting, else 200704 = lmms-eval's qwen3_vl; the embedded model: its own)")
+    ap.add_argument("--max-pixels", type=int, default=None,
+                    help="... and at most this many (default: the run's, else 1605632 = lmms-eval's qwen3_vl)")
     ap.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                     help="compute dtype (default bfloat16; float32 for the embedded default)")
     ap.add_argument("--compare", nargs="+", metavar="EVAL_DIR", help="print the results of these eval folders side by side")
@@ -108,8 +135,9 @@ def _evaluate(args) -> int:
     fwd = None if iada is None else ForwardConfig(block_size=iada.block_size, dtype=dtype)
     model = iada_jax.load_pretrained(model_dir, dtype=dtype, fwd=fwd)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    limits = pixel_limits(args, embedded=args.model is None)
     cfg = EvalConfig(batch_size=args.batch_size, mode=args.mode, max_length=args.max_length,
-                     max_new_tokens=args.max_new_tokens, limit=args.limit)
+                     max_new_tokens=args.max_new_tokens, limit=args.limit, **limits)
     evaluator = Evaluator(model, tokenizer, lora=lora, iada=iada, adapters=variables, cfg=cfg, progress=args.progress)
     os.makedirs(args.out, exist_ok=True)
     scores, details = {}, {}
@@ -118,7 +146,9 @@ def _evaluate(args) -> int:
         scores[bench.NAME], details[bench.NAME] = result["score"], result
         log(f"{bench.TITLE}: {result['score']:.1f}")
     label = args.label or os.path.basename(os.path.normpath(args.adapter or model_dir))
-    row = write_results(args.out, label, scores, details)
+    settings = {"model": model_dir, "adapter": args.adapter, "mode": args.mode, "dtype": dtype,
+                "max_length": args.max_length, **limits}
+    row = write_results(args.out, label, scores, details, settings)
     print(markdown({label: row}), end="")
     print(f"wrote {args.out}/results.md and results.json; per-sample predictions in {args.out}/<bench>/", file=sys.stderr)
     return 0

@@ -30,9 +30,11 @@ def test_eval_writes_the_papers_table_for_all_benchmarks(embedded, fixtures, tmp
 
     out = tmp_path / "ev"
     assert eval_cli.main(["--model", embedded[0], "--data", fixtures, "--out", str(out), "--bench", "paper",
-                          "--dtype", "float32", "--max-new-tokens", "4", "--label", "tiny", "--no-progress"]) == 0
+                          "--dtype", "float32", "--max-new-tokens", "4", "--label", "tiny", "--no-progress",
+                          "--min-pixels", "1024", "--max-pixels", "4096"]) == 0  # the tiny model's 64x64 images
     results = json.load(open(out / "results.json"))
     assert results["label"] == "tiny"
+    assert results["settings"]["min_pixels"] == 1024 and results["settings"]["max_pixels"] == 4096
     row = results["row"]
     assert list(row) == list(PAPER) + ["R-Avg", "P-Avg", "All-Avg"]
     assert all(0.0 <= row[k] <= 100.0 for k in row), row
@@ -92,12 +94,14 @@ def test_adapters_change_the_answers(embedded, fixtures, tmp_path):
     with open(run / "config.json", "w") as f:
         import dataclasses
 
-        json.dump({"train": {"model": ckpt}, "lora": dataclasses.asdict(exp.lora), "iada": dataclasses.asdict(exp.iada)}, f)
+        json.dump({"train": {"model": ckpt, "min_pixels": 1024, "max_pixels": 4096}, "lora": dataclasses.asdict(exp.lora), "iada": dataclasses.asdict(exp.iada)}, f)
     save_params(str(run / "final"), adapters)
     common = ["--model", ckpt, "--data", fixtures, "--bench", "pope", "--mode", "loglik", "--dtype", "float32",
               "--limit", "2", "--no-progress"]
-    assert eval_cli.main(common + ["--out", str(tmp_path / "base")]) == 0
+    assert eval_cli.main(common + ["--out", str(tmp_path / "base"), "--min-pixels", "1024", "--max-pixels", "4096"]) == 0
+    # The adapted run evaluates with the pixel limits it was trained with (its config.json).
     assert eval_cli.main(common + ["--out", str(tmp_path / "adapted"), "--adapter", str(run)]) == 0
+    assert json.load(open(tmp_path / "adapted" / "results.json"))["settings"]["max_pixels"] == 4096
     read = lambda p: [json.loads(l)["option_logprobs"] for l in open(p / "pope" / "predictions.jsonl")]  # noqa: E731,E741
     base, adapted = read(tmp_path / "base"), read(tmp_path / "adapted")
     assert all(abs(a[k] - b[k]) > 1e-2 for a, b in zip(adapted, base) for k in a)

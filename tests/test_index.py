@@ -161,3 +161,26 @@ def test_config_json_records_pixel_limits_and_index(embedded, tmp_path):
     saved = json.load(open(tmp_path / "r" / "config.json"))
     assert saved["train"]["min_pixels"] == 1024 and saved["image"]["max_pixels"] == 4096
     assert saved["index"].endswith(".npz") and os.path.isfile(saved["index"])
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "progressive", "cmyk", "exif", "gif"])
+def test_header_sizes_equal_pil(fmt):
+    from iada_jax.data.sft import header_size, image_size
+
+    rng = np.random.default_rng(0)
+    for w, h in [(640, 480), (427, 640), (1, 1), (3000, 17)]:
+        image = Image.fromarray(rng.integers(0, 255, (h, w, 3), np.uint8))
+        buf = io.BytesIO()
+        if fmt == "progressive":
+            image.save(buf, format="JPEG", progressive=True)
+        elif fmt == "cmyk":
+            image.convert("CMYK").save(buf, format="JPEG")
+        elif fmt == "exif":
+            exif = Image.Exif()
+            exif[0x0112] = 6  # rotated: PIL (and the processor) still report the stored size
+            image.save(buf, format="JPEG", exif=exif.tobytes())
+        else:
+            image.save(buf, format=fmt)
+        data = buf.getvalue()
+        assert image_size({"bytes": data, "path": None}) == (h, w) == Image.open(io.BytesIO(data)).size[::-1]
+        assert header_size(data) == (None if fmt == "gif" else (h, w))

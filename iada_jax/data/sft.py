@@ -79,10 +79,52 @@ def _unreadable(e: Exception) -> BadRow:
     return BadRow("bad_image", f"unreadable image ({type(e).__name__}: {e})")
 
 
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def header_size(data) -> tuple[int, int] | None:
+    """(height, width) of a JPEG (its frame header) or PNG (IHDR) from its first bytes, as PIL
+    reports them; None for other formats or a header beyond `data` (then PIL reads it)."""
+    b = bytes(data[:HEADER_BYTES])
+    if b[:8] == b"\x89PNG\r\n\x1a\n" and b[12:16] == b"IHDR" and len(b) >= 24:
+        w, h = int.from_bytes(b[16:20], "big"), int.from_bytes(b[20:24], "big")
+        return (h, w) if h and w else None
+    if b[:2] != b"\xff\xd8":
+        return None
+    i, n = 2, len(b)
+    while i + 9 <= n:
+        if b[i] != 0xFF:
+            return None
+        marker = b[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            i += 2
+            continue
+        if marker in _SOF:
+            h, w = int.from_bytes(b[i + 5:i + 7], "big"), int.from_bytes(b[i + 7:i + 9], "big")
+            return (h, w) if h and w else None
+        if marker in (0xD9, 0xDA):  # end of image or start of scan before a frame header
+            return None
+        i += 2 + int.from_bytes(b[i + 2:i + 4], "big")
+    return None
+
+
 def image_size(item) -> tuple[int, int]:
     """(height, width) from the image's header; pixels are not decoded."""
     if isinstance(item, Image.Image):
         return item.height, item.width
+    if isinstance(item, dict) and item.get("bytes") is not None:
+        size = header_size(item["bytes"])
+        if size is not None:
+            return size
+    path = item.get("path") if isinstance(item, dict) and item.get("bytes") is None else item
+    if isinstance(path, (str, os.PathLike)) and os.path.isfile(path):
+        with open(path, "rb") as f:
+            size = header_size(f.read(HEADER_BYTES))
+        if size is not None:
+            return size
     try:
         try:
             with _open(item, prefix=True) as image:

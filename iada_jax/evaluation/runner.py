@@ -34,6 +34,8 @@ class EvalConfig:
     max_new_tokens: int | None = None  # default: each benchmark's own budget
     system_prompt: str | None = "You are a helpful assistant."  # lmms-eval's qwen3_vl model
     limit: int | None = None
+    min_pixels: int | None = None  # image size limits; None: the model's preprocessor_config.json
+    max_pixels: int | None = None
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "fwd", "lora", "iada"))
@@ -52,6 +54,8 @@ class Evaluator:
 
         self.model, self.tokenizer, self.cfg, self.progress = model, tokenizer, cfg, progress
         self.image_config = model.image_config or ImageProcessorConfig()
+        limits = {k: v for k, v in (("min_pixels", cfg.min_pixels), ("max_pixels", cfg.max_pixels)) if v is not None}
+        self.image_config = dataclasses.replace(self.image_config, **limits)
         self.lora, self.iada, self.adapters = lora, iada, adapters
         stops = {tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id}
         self.stop_ids = tuple(sorted(int(s) for s in stops if s is not None and s >= 0))

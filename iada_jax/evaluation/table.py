@@ -50,11 +50,12 @@ def markdown(rows: dict[str, dict], deltas_from: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(out_dir: str, label: str, scores: dict[str, float], details: dict) -> dict:
-    """results.json (the row, per-benchmark details) and results.md in out_dir."""
+def write_results(out_dir: str, label: str, scores: dict[str, float], details: dict,
+                  settings: dict | None = None) -> dict:
+    """results.json (the row, per-benchmark details, the evaluation's settings) and results.md."""
     row = summarize(scores)
     with open(os.path.join(out_dir, RESULTS_FILE), "w") as f:
-        json.dump({"label": label, "row": row, "details": details}, f, indent=1)
+        json.dump({"label": label, "row": row, "details": details, "settings": settings or {}}, f, indent=1)
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(markdown({label: row}))
     return row
