@@ -96,6 +96,7 @@ def main(argv=None) -> int:
     warm_s, warm_out = timed(cmd, env)
     built = float(re.search(r"index: built in ([\d.]+) s", cold_out).group(1))
     loaded = float(re.search(r"from the cache \S+ \(([\d.]+) s\)", warm_out).group(1))
+    ready = float(re.search(r"ready in ([\d.]+) s", warm_out).group(1))
     report = cold_out[cold_out.index("rows: "):]
     result = {
         "rows": args.rows, "layout": args.layout, "workers": args.workers, "cpus": os.cpu_count(),
@@ -103,7 +104,7 @@ def main(argv=None) -> int:
         "generate_s": info.get("seconds"),
         "datasets_prepare_s": None if prepared_before else prepare_s, "datasets_reopen_s": reopen_s,
         "index_build_s": built, "index_rows_per_s": args.rows / built,
-        "cold_total_s": cold_s, "warm_total_s": warm_s, "warm_index_load_s": loaded,
+        "cold_total_s": cold_s, "warm_total_s": warm_s, "warm_index_load_s": loaded, "warm_data_ready_s": ready,
         "command": " ".join(["python"] + cmd[1:]).replace(data, "$DATA"), "report": report,
     }
     with open(os.path.join(data, "index_speed.json"), "w") as f:

@@ -93,12 +93,15 @@ def conversation(text: Text) -> list[tuple[str, str]]:
 
 
 @functools.lru_cache(maxsize=2)  # once per process
-def base_jpegs(seed: int = 0) -> list[bytes]:
-    """POOL textured JPEGs (smooth gradients, shapes, sensor-like noise) of the COCO-like sizes."""
+def base_jpegs(seed: int = 0, size: tuple[int, int] | None = None) -> list[bytes]:
+    """POOL textured JPEGs (smooth gradients, shapes, sensor-like noise) of the COCO-like sizes,
+    or all of one (width, height)."""
     from PIL import Image, ImageDraw
 
     rng = np.random.default_rng(seed)
     sizes = [s for s in SIZES for _ in range(max(1, POOL * s[2] // sum(x[2] for x in SIZES)))][:POOL]
+    if size is not None:
+        sizes = [(size[0], size[1], 1)] * POOL
     out = []
     for w, h, _ in sizes:
         y, x = np.mgrid[0:h, 0:w] / max(w, h)
@@ -162,8 +165,8 @@ def _write_shard(job) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    path, start, stop, layout, seed = job
-    pool = base_jpegs(seed)
+    path, start, stop, layout, seed, size = job
+    pool = base_jpegs(seed, size)
     schema = _features(layout).arrow_schema  # carries the `datasets` features (Image) in its metadata
     pq.write_table(pa.Table.from_pylist(make_rows(start, stop, layout, pool, seed), schema=schema), path + ".tmp",
                    row_group_size=1000)
@@ -172,14 +175,14 @@ def _write_shard(job) -> int:
 
 
 def write(out: str, rows: int, layout: str = "trl-lib", shard_rows: int = 10000, seed: int = 0, processes: int = 2,
-          log=print) -> str:
+          image_size: tuple[int, int] | None = None, log=print) -> str:
     """Parquet shards train-XXXXX-of-YYYYY.parquet in `out` (the hub's layout); returns `out`."""
     import multiprocessing
 
     os.makedirs(out, exist_ok=True)
     shards = (rows + shard_rows - 1) // shard_rows
     jobs = [(os.path.join(out, f"train-{k:05d}-of-{shards:05d}.parquet"), k * shard_rows,
-             min(rows, (k + 1) * shard_rows), layout, seed) for k in range(shards)]
+             min(rows, (k + 1) * shard_rows), layout, seed, image_size) for k in range(shards)]
     t0, total, done = time.perf_counter(), 0, 0
     with multiprocessing.get_context("spawn").Pool(processes) as pool:
         for job, size in zip(jobs, pool.imap(_write_shard, jobs)):
@@ -227,8 +230,10 @@ def main(argv=None) -> int:
     ap.add_argument("--layout", choices=("trl-lib", "h4"), default="trl-lib")
     ap.add_argument("--shard-rows", type=int, default=10_000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--image-size", help="WIDTHxHEIGHT for every image (default: the COCO-like mix)")
     args = ap.parse_args(argv)
-    write(args.out, args.rows, args.layout, args.shard_rows, args.seed)
+    size = tuple(int(x) for x in args.image_size.split("x")) if args.image_size else None
+    write(args.out, args.rows, args.layout, args.shard_rows, args.seed, image_size=size)
     return 0
 
 

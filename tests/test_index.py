@@ -184,3 +184,38 @@ def test_header_sizes_equal_pil(fmt):
         data = buf.getvalue()
         assert image_size({"bytes": data, "path": None}) == (h, w) == Image.open(io.BytesIO(data)).size[::-1]
         assert header_size(data) == (None if fmt == "gif" else (h, w))
+
+
+@pytest.mark.parametrize("template", ["embedded", "qwen3_vl"])
+def test_fast_rendering_and_tokenising_equal_transformers(embedded, template):
+    """The index's renderer (the compiled template called directly) and batch tokenisation (the
+    backend without offsets) give apply_chat_template's text and tokenizer()'s ids, past the
+    renderer's own verification window."""
+    import copy
+
+    import trl
+
+    from iada_jax.data.sft import ChatRenderer, tokenize_segments
+
+    tok = copy.deepcopy(embedded[2])
+    if template == "qwen3_vl":
+        tok.chat_template = open(os.path.join(os.path.dirname(trl.__file__), "chat_templates", "qwen3_vl.jinja")).read()
+    renderer = ChatRenderer(tok)
+    rng = np.random.default_rng(0)
+    words = ["cat", "on", "the", "mat", "42", "Über", "naïve", "\n", "  ", "?", "<|im_end|>", "x" * 30]
+    texts = []
+    for k in range(ChatRenderer.VERIFY + 40):
+        turns = []
+        if k % 3 == 0:
+            turns.append({"role": "system", "content": "Be brief.", "name": None})
+        for t in range(1 + k % 4):
+            say = lambda: " ".join(rng.choice(words, 1 + k % 7))  # noqa: E731
+            content = say() if t % 2 else [{"type": "image", "text": None}, {"type": "text", "text": say()}]
+            turns += [{"role": "user", "content": content}, {"role": "assistant", "content": say()}]
+        gen = k % 2 == 0
+        messages = turns[:-1] if gen else turns
+        out = renderer(messages, add_generation_prompt=gen)
+        assert out == tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen), k
+        texts.append(out)
+    assert renderer.fast and renderer.checked == ChatRenderer.VERIFY
+    assert tokenize_segments(tok, texts) == tok(texts, add_special_tokens=False)["input_ids"]

@@ -20,6 +20,7 @@ import dataclasses
 import os
 import queue
 import threading
+import time
 
 import numpy as np
 
@@ -89,6 +90,7 @@ class SFTData:
     def __init__(self, cfg: DataConfig, tokenizer, image_config: ImageProcessorConfig, model_cfg: Qwen3VLConfig,
                  log=print):
         self.cfg, self.tokenizer, self.image_config, self.model_cfg, self.log = cfg, tokenizer, image_config, model_cfg, log
+        t0 = time.perf_counter()
         self.rows = open_rows(cfg.path, cfg.split)
         self._arrow = self.rows.with_format("arrow")  # rows with images as stored: {"bytes", "path"}, not decoded
         settings = IndexSettings(max_length=cfg.max_length, image=image_config,
@@ -107,8 +109,9 @@ class SFTData:
         if not len(self.usable_rows):
             raise ValueError(f"{cfg.path}: no usable rows out of {len(self.rows)} (skipped: {dict(self.skipped)}; "
                              f"e.g. {self._first_bad()})")
-        log(f"data: {len(self.usable_rows)} usable rows of {len(self.rows)} in {cfg.path}"
-            + (f"; skipped {dict(self.skipped)} (e.g. {self._first_bad()})" if self.skipped else ""))
+        log(f"data: {len(self.usable_rows)} usable rows of {len(self.rows)} in {cfg.path}, ready in "
+            f"{time.perf_counter() - t0:.1f} s" + (f"; skipped {dict(self.skipped)} (e.g. {self._first_bad()})"
+                                                   if self.skipped else ""))
 
     def _first_bad(self) -> str:
         return "; ".join(f"row {r}: {self.index.reason_names[self.index.reasons[r]]}: {d}"
