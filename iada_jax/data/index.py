@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 from iada_jax.data.image_processing import ImageProcessorConfig
-from iada_jax.data.sft import (HEADER_BYTES, IMAGE_PAD, BadRow, assemble, image_grid, image_size, render_segments,
+from iada_jax.data.sft import (IMAGE_PAD, BadRow, assemble, image_grid, image_size, render_segments,
                                tokenize_segments)
 
 INDEX_VERSION = 1
@@ -130,55 +130,50 @@ def _image_column(names) -> str | None:
 
 
 def _chunk_images(table, column: str | None) -> list[list]:
-    """Per row, its image items with at most the header prefix of their bytes (zero-copy slices)."""
+    """Per row, its image items: memory-mapped bytes as zero-copy buffers (only the pages of
+    their headers get read), or paths. Arrow chunks are walked one by one: concatenating them
+    would copy (and read from disk) every image."""
     import pyarrow as pa
 
-    n = table.num_rows
     if column is None:
-        return [[] for _ in range(n)]
-    col = table.column(column).combine_chunks()
-    single = not (pa.types.is_list(col.type) or pa.types.is_large_list(col.type))
-    if single:  # one image per row
-        values, offsets = col, np.arange(n + 1)
-        valid = np.asarray(col.is_valid())
-    else:
-        values, offsets = col.flatten(), col.offsets.to_numpy(zero_copy_only=False)
-        valid = np.asarray(col.is_valid())
-        if col.offset:  # a sliced list array: flatten() starts at its first value
-            offsets = offsets - offsets[0]
-    items = []
-    if pa.types.is_struct(values.type):
-        fields = {values.type.field(i).name for i in range(values.type.num_fields)}
-        data = values.field("bytes") if "bytes" in fields else None
-        paths = values.field("path") if "path" in fields else None
-        for j in range(len(values)):
-            b = data[j] if data is not None else None
-            if b is not None and b.is_valid:
-                buf = b.as_buffer()  # zero-copy view of the memory-mapped file
-                items.append({"bytes": memoryview(buf)[:HEADER_BYTES] if buf.size > HEADER_BYTES else buf.to_pybytes(),
-                              "full": buf, "path": None})
-            elif paths is not None and paths[j].is_valid:
-                items.append({"bytes": None, "path": paths[j].as_py()})
-            else:
-                items.append(None)
-    else:  # plain strings (paths) or binary
-        items = values.to_pylist()
-    out = []
-    for r in range(n):
-        out.append(items[offsets[r]:offsets[r + 1]] if valid[r] else [])
+        return [[] for _ in range(table.num_rows)]
+    out: list[list] = []
+    for chunk in table.column(column).chunks:
+        single = not (pa.types.is_list(chunk.type) or pa.types.is_large_list(chunk.type))
+        values = chunk if single else chunk.flatten()  # flatten(): the slice's values, zero-copy
+        offsets = np.arange(len(chunk) + 1) if single else chunk.offsets.to_numpy(zero_copy_only=False)
+        offsets = offsets - offsets[0]
+        valid = np.asarray(chunk.is_valid())
+        items = _image_items(values)
+        out.extend(items[offsets[r]:offsets[r + 1]] if valid[r] else [] for r in range(len(chunk)))
     return out
+
+
+def _image_items(values) -> list:
+    import pyarrow as pa
+
+    if not pa.types.is_struct(values.type):  # plain strings (paths) or binary
+        return values.to_pylist()
+    fields = {values.type.field(i).name for i in range(values.type.num_fields)}
+    data = values.field("bytes") if "bytes" in fields else None
+    paths = values.field("path") if "path" in fields else None
+    items = []
+    for j in range(len(values)):
+        b = data[j] if data is not None else None
+        if b is not None and b.is_valid:
+            items.append({"bytes": b.as_buffer(), "path": None})  # zero-copy view of the mapped file
+        elif paths is not None and paths[j].is_valid:
+            items.append({"bytes": None, "path": paths[j].as_py()})
+        else:
+            items.append(None)
+    return items
 
 
 def _size(item) -> tuple[int, int]:
     if item is None:
         raise BadRow("bad_image", "the image is empty (no bytes and no path)")
-    if isinstance(item, dict) and "full" in item:
-        try:
-            return image_size({"bytes": item["bytes"], "path": None})
-        except BadRow:
-            if item["bytes"] is item["full"] or len(item["bytes"]) >= item["full"].size:
-                raise
-            return image_size({"bytes": memoryview(item["full"]), "path": None})  # the header is longer
+    if isinstance(item, dict) and item.get("bytes") is not None:
+        return image_size({"bytes": memoryview(item["bytes"]), "path": None})
     if isinstance(item, (bytes, bytearray)):
         return image_size({"bytes": item, "path": None})
     return image_size(item)

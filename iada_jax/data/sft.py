@@ -85,8 +85,20 @@ _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 
 
 def header_size(data) -> tuple[int, int] | None:
     """(height, width) of a JPEG (its frame header) or PNG (IHDR) from its first bytes, as PIL
-    reports them; None for other formats or a header beyond `data` (then PIL reads it)."""
-    b = bytes(data[:HEADER_BYTES])
+    reports them; None for other formats or a header beyond HEADER_BYTES (then PIL reads it).
+    Reads 2 KB first (a typical JPEG's frame header is within its first few hundred bytes),
+    so the index touches one page of each image."""
+    for window in (2048, HEADER_BYTES):
+        b = bytes(data[:window])
+        size = _header_size(b)
+        if size != "more":
+            return size
+        if len(b) < window:  # the whole file was read
+            return None
+    return None
+
+
+def _header_size(b: bytes):
     if b[:8] == b"\x89PNG\r\n\x1a\n" and b[12:16] == b"IHDR" and len(b) >= 24:
         w, h = int.from_bytes(b[16:20], "big"), int.from_bytes(b[20:24], "big")
         return (h, w) if h and w else None
@@ -109,7 +121,7 @@ def header_size(data) -> tuple[int, int] | None:
         if marker in (0xD9, 0xDA):  # end of image or start of scan before a frame header
             return None
         i += 2 + int.from_bytes(b[i + 2:i + 4], "big")
-    return None
+    return "more"  # the frame header lies beyond these bytes
 
 
 def image_size(item) -> tuple[int, int]:
