@@ -219,3 +219,25 @@ def test_fast_rendering_and_tokenising_equal_transformers(embedded, template):
         texts.append(out)
     assert renderer.fast and renderer.checked == ChatRenderer.VERIFY
     assert tokenize_segments(tok, texts) == tok(texts, add_special_tokens=False)["input_ids"]
+
+
+def test_expanded_length_is_the_assembled_length_with_the_same_refusals():
+    from iada_jax.data.sft import assemble, expanded_length
+
+    rng = np.random.default_rng(0)
+    pad = 7
+    for trial in range(3000):
+        segments = [list(rng.choice([1, 2, 3, pad], rng.integers(0, 12), p=[.3, .3, .3, .1]))
+                    for _ in range(rng.integers(1, 5))]
+        supervised = [bool(x) for x in rng.integers(0, 2, len(segments))]
+        n_pads = sum(s.count(pad) for s in segments) + int(rng.integers(-1, 2) if trial % 5 == 0 else 0)
+        counts = [int(c) for c in rng.integers(1, 6, max(n_pads, 0))]
+        max_length = int(rng.integers(1, 40))
+        try:
+            want = len(assemble(segments, supervised, counts, pad, max_length)[0])
+        except BadRow as e:
+            with pytest.raises(BadRow) as got:
+                expanded_length(segments, supervised, counts, pad, max_length)
+            assert (got.value.reason, got.value.detail) == (e.reason, e.detail), trial
+            continue
+        assert expanded_length(segments, supervised, counts, pad, max_length) == want, trial

@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 from iada_jax.data.image_processing import ImageProcessorConfig
-from iada_jax.data.sft import (IMAGE_PAD, BadRow, assemble, image_grid, image_size, render_segments,
+from iada_jax.data.sft import (IMAGE_PAD, BadRow, expanded_length, image_grid, image_size, render_segments,
                                tokenize_segments)
 
 INDEX_VERSION = 1
@@ -209,11 +209,9 @@ def index_chunk(rows, start: int, stop: int, tokenizer, settings: IndexSettings)
         ids = flat[k:k + len(segments)]
         k += len(segments)
         try:
-            tokens, _ = assemble(ids, [s for _, s in segments], counts, pad_id, settings.max_length)
+            out["lengths"][r] = expanded_length(ids, [s for _, s in segments], counts, pad_id, settings.max_length)
         except BadRow as e:
             out["reasons"][r], out["details"][start + r] = e.reason, e.detail
-            continue
-        out["lengths"][r] = len(tokens)
     return out
 
 
