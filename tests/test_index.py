@@ -241,3 +241,32 @@ def test_expanded_length_is_the_assembled_length_with_the_same_refusals():
             assert (got.value.reason, got.value.detail) == (e.reason, e.detail), trial
             continue
         assert expanded_length(segments, supervised, counts, pad, max_length) == want, trial
+
+
+def test_forked_workers_before_jax_starts_give_the_same_index(embedded, data_file, tmp_path):
+    """train.py indexes before JAX starts its runtime, so the workers are forked (no start-up);
+    in a process whose JAX runtime runs (this one) they are spawned. Same index either way."""
+    import subprocess
+    import sys
+
+    _, _, tok, _ = embedded
+    tok.save_pretrained(tmp_path / "tok")
+    script = f"""
+import json, sys
+from transformers import AutoTokenizer
+from iada_jax.data import index as ix
+from iada_jax.data.image_processing import ImageProcessorConfig
+from iada_jax.data.loader import open_rows
+ix.CHUNK = 4
+ctx = ix._process_context().get_start_method()
+s = ix.IndexSettings(256, ImageProcessorConfig(patch_size=4, merge_size=2, min_pixels=1024, max_pixels=4096), 2)
+index = ix.build_index(open_rows({data_file!r}), AutoTokenizer.from_pretrained({str(tmp_path / "tok")!r}), s,
+                       workers=2, cache_dir="", log=lambda *a: None)
+print(json.dumps({{"ctx": ctx, "lengths": index.lengths.tolist(), "reasons": index.skipped()}}))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    forked = json.loads(out.stdout.strip().splitlines()[-1])
+    here = build_index(open_rows(data_file), tok, settings(), workers=1, cache_dir="", log=lambda *a: None)
+    assert forked["ctx"] == "fork" and index_mod._process_context().get_start_method() == "spawn"
+    assert forked["lengths"] == here.lengths.tolist() and forked["reasons"] == dict(here.skipped())

@@ -4,9 +4,9 @@ used, from one pass that never decodes pixels, cached on disk.
 What one row costs: its images' sizes from their headers (the first 64 KB of the bytes, read
 zero-copy from the memory-mapped Arrow table), the chat template rendered with one
 `<|image_pad|>` per image, and its segments tokenised in batches; the image tokens are then
-counted in (sft.assemble, the same function that builds training examples, so the index length
-is the example's length). Rows are processed in chunks over `workers` processes (spawned: they
-import no JAX), with progress and rows/s in the log.
+counted in (sft.expanded_length, tested equal to the sft.assemble that builds training
+examples, so the index length is the example's length). Rows are processed in chunks over
+`workers` processes, with progress and rows/s in the log.
 
 The cache file is keyed by everything the result depends on: the data set's fingerprint and its
 files' sizes and modification times, the tokenizer (its full serialisation) and chat template,
@@ -228,6 +228,27 @@ def _work(span):
     return span[0], index_chunk(_WORKER["rows"], span[0], span[1], _WORKER["tokenizer"], _WORKER["settings"])
 
 
+def _process_context():
+    """fork while JAX has started no backend (train.py indexes first: a worker is ready at once,
+    with the tokenizer and the mapped data inherited); spawn once it has (forking a process
+    whose runtime threads hold locks can deadlock the child), at about 10 s of start-up on 2
+    cores (each worker imports transformers and datasets again)."""
+    import multiprocessing
+    import sys
+
+    jax_started = True
+    try:
+        if "jax" not in sys.modules:
+            jax_started = False
+        else:
+            from jax._src import xla_bridge
+
+            jax_started = xla_bridge.backends_are_initialized()
+    except Exception:  # a JAX without this function: be safe
+        pass
+    return multiprocessing.get_context("spawn" if jax_started else "fork")
+
+
 # ---------------------------------------------------------------------- build or load
 def build_index(rows, tokenizer, settings: IndexSettings, *, source: str = "", workers: int = 2,
                 cache_dir: str | None = None, log=print) -> RowIndex:
@@ -268,10 +289,7 @@ def build_index(rows, tokenizer, settings: IndexSettings, *, source: str = "", w
             done += e - s
             progress(done)
     else:
-        import multiprocessing
-
-        ctx = multiprocessing.get_context("spawn")  # the parent may run JAX threads: no fork
-        with ctx.Pool(min(workers, len(spans)), initializer=_init_worker, initargs=(rows, tokenizer, settings)) as pool:
+        with _process_context().Pool(min(workers, len(spans)), initializer=_init_worker, initargs=(rows, tokenizer, settings)) as pool:
             for s, part in pool.imap_unordered(_work, spans):
                 parts[s] = part
                 done += len(part["lengths"])

@@ -174,21 +174,22 @@ def _data(cfg: TrainConfig, log) -> SFTData:
 
 
 def fit(cfg: TrainConfig, log=print) -> dict:
+    used = [n for n in ("checkpoints", "metrics.jsonl", "final") if os.path.exists(os.path.join(cfg.out, n))]
+    if used and not cfg.resume and not cfg.index_only:
+        raise TrainingError(f"{cfg.out} already holds a run ({', '.join(used)}); continue it with --resume "
+                            "or choose another --out")
+    # The data first: indexing forks worker processes, which is safe only before JAX starts
+    # its runtime (initialize_distributed, the mesh).
+    data = _data(cfg, log)
     if cfg.index_only:
-        data = _data(cfg, log)
         log(data.describe())
         return {"index": data.index.path, "skipped": dict(data.skipped), "losses": [], "step": 0}
     initialize_distributed()
-    used = [n for n in ("checkpoints", "metrics.jsonl", "final") if os.path.exists(os.path.join(cfg.out, n))]
-    if used and not cfg.resume:
-        raise TrainingError(f"{cfg.out} already holds a run ({', '.join(used)}); continue it with --resume "
-                            "or choose another --out")
     os.makedirs(cfg.out, exist_ok=True)
     exp, start = _experiment(cfg)
     mesh = make_mesh(cfg.mesh_data, cfg.mesh_fsdp)
     if cfg.batch_size % mesh.size:
         raise TrainingError(f"batch_size={cfg.batch_size} is not a multiple of the {mesh.size} devices of the mesh")
-    data = _data(cfg, log)
     model = _load(cfg, mesh, log)
     mcfg = model.config
     block = exp.iada.block_size if exp.iada is not None else model.fwd.block_size
