@@ -137,6 +137,38 @@ def test_padded_static_batch_gives_the_logits_of_the_unpadded_samples(embedded):
         assert err < 1e-5, f"sample {b}: relative diff {err:.2e}"
 
 
+def test_uint8_pixels_normalised_on_the_device_give_the_same_logits(embedded):
+    """The loader's batches carry uint8 pixel rows of one temporal slice and the normalisation
+    table (an eighth of the bytes): the tower's float32 pixels, and so the logits, equal those
+    of the processor's float32 rows bit for bit."""
+    from iada_jax.model.vision import vision_pixels
+
+    _, _, tok, model = embedded
+    rows = [
+        {"images": [png((200, 30, 7))], "prompt": [{"role": "user", "content": "What colour?"}],
+         "completion": [{"role": "assistant", "content": "red"}]},
+        {"images": [{"bytes": _noise_png((48, 64)), "path": None}], "prompt": [{"role": "user", "content": "Where?"}],
+         "completion": [{"role": "assistant", "content": "left"}]},
+        {"images": [], "prompt": [{"role": "user", "content": "Count."}], "completion": [{"role": "assistant", "content": "1"}]},
+    ]
+    floats = [build_example(tok, r, image_cfg(), merge_size=2, max_length=256) for r in rows]
+    raws = [build_example(tok, r, image_cfg(), merge_size=2, max_length=256, raw_pixels=True) for r in rows]
+    assert raws[0].pixel_values.dtype == np.uint8 and floats[0].pixel_values.dtype == np.float32
+    a, b = collate(floats, 160, model.config), collate(raws, 160, model.config)
+    assert b.vision.pixel_values.nbytes * 8 == a.vision.pixel_values.nbytes  # uint8, one temporal slice
+    np.testing.assert_array_equal(np.asarray(vision_pixels(jax.tree.map(np.asarray, b.vision), 2)),
+                                  a.vision.pixel_values)
+    run = lambda batch: np.asarray(forward(model.params, jax.tree.map(np.asarray, batch), cfg=model.config,  # noqa: E731
+                                           fwd=model.fwd)[0])
+    np.testing.assert_array_equal(run(a), run(b))
+
+
+def _noise_png(size) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (size[1], size[0], 3), np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def test_epoch_plan_is_deterministic_and_buckets_are_static(embedded):
     ckpt, data_path, tok, model = embedded
     data = SFTData(DataConfig(path=data_path, max_length=128, batch_size=4, buckets=(96, 128), seed=3), tok,

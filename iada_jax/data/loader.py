@@ -125,7 +125,8 @@ class SFTData:
 
     def _example(self, i: int, with_pixels: bool) -> Example:
         return build_example(self.tokenizer, self.row(i), self.image_config, self.model_cfg.vision.spatial_merge_size,
-                             self.cfg.max_length, with_pixels=with_pixels, messages_loss=self.cfg.messages_loss)
+                             self.cfg.max_length, with_pixels=with_pixels, messages_loss=self.cfg.messages_loss,
+                             raw_pixels=True)
 
     def load_example(self, i: int) -> Example:
         """Row i with its pixels, as indexed; an image that cannot be decoded gives an empty row."""
@@ -160,6 +161,9 @@ class SFTData:
         examples = list(mapper(self.load_example, rows))
         return collate(examples, length, self.model_cfg, self.cfg.max_images)
 
+    def _collated(self, position, length: int, futures) -> tuple:
+        return position, collate([f.result() for f in futures], length, self.model_cfg, self.cfg.max_images)
+
     def iterate(self, start: tuple[int, int] = (0, 0), epochs: int | None = None):
         """Yield ((epoch, batch), Batch) from `start`, built ahead in a background thread."""
         out: queue.Queue = queue.Queue(maxsize=max(self.cfg.prefetch, 1))
@@ -174,16 +178,27 @@ class SFTData:
                     continue
             return False
 
+        def positions():
+            epoch, k = start
+            while epochs is None or epoch < epochs:
+                plan = self.epoch_plan(epoch)
+                for j in range(k, len(plan)):
+                    yield (epoch, j), plan[j]
+                epoch, k = epoch + 1, 0
+
         def produce():
+            # One batch ahead in the pool: while this thread collates batch j, the pool already
+            # decodes the images of batch j + 1 (collating is a good part of a batch's time).
             try:
-                with concurrent.futures.ThreadPoolExecutor(self.cfg.workers) as pool:
-                    epoch, k = start
-                    while epochs is None or epoch < epochs:
-                        plan = self.epoch_plan(epoch)
-                        for j in range(k, len(plan)):
-                            if not put(((epoch, j), self.make_batch(*plan[j], pool=pool))):
-                                return
-                        epoch, k = epoch + 1, 0
+                with concurrent.futures.ThreadPoolExecutor(self.cfg.workers + 1) as pool:
+                    ahead = None
+                    for position, (length, rows) in positions():
+                        submitted = (position, length, [pool.submit(self.load_example, i) for i in rows])
+                        if ahead is not None and not put(self._collated(*ahead)):
+                            return
+                        ahead = submitted
+                    if ahead is not None and not put(self._collated(*ahead)):
+                        return
                 put(None)
             except BaseException as e:  # surfaced in the consumer
                 put(e)
@@ -222,10 +237,14 @@ def collate(examples: list[Example], length: int, cfg: Qwen3VLConfig, max_images
     vision = visual_index = None
     if grids:
         grid = np.concatenate(grids)
-        pixels = np.concatenate([ex.pixel_values for ex in examples if ex.pixel_values is not None])
+        pixels = [ex.pixel_values for ex in examples if ex.pixel_values is not None]
+        tables = [ex.pixel_table for ex in examples if ex.pixel_values is not None]
+        if any((t is None) != (tables[0] is None) for t in tables):
+            raise ValueError("a batch mixes uint8 pixel rows (with a pixel_table) and float rows")
         merge = cfg.vision.spatial_merge_size
         frame_len = frame_bucket(int(frame_sizes(grid).max()), minimum=16 * merge**2)
-        vision = build_vision_inputs(pixels, grid, cfg.vision, n_frames=b * max_images, frame_len=frame_len)
+        vision = build_vision_inputs(pixels, grid, cfg.vision, n_frames=b * max_images, frame_len=frame_len,
+                                     pixel_table=tables[0])
         placeholders = np.flatnonzero((ids == cfg.image_token_id) & (mask == 1))
         visual_index = scatter_index(placeholders, grid, frame_len, merge, b * max_images, b * length)
     return Batch(input_ids=ids, attention_mask=mask, position_ids=np.asarray(positions, np.int32),

@@ -29,7 +29,7 @@ import os
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from iada_jax.data.image_processing import ImageProcessorConfig, preprocess_images, smart_resize
+from iada_jax.data.image_processing import ImageProcessorConfig, normalize_table, preprocess_images, smart_resize
 
 IMAGE_PAD = "<|image_pad|>"
 MESSAGES_LOSS = ("all", "assistant")
@@ -50,8 +50,9 @@ class Example:
 
     input_ids: np.ndarray
     loss_mask: np.ndarray
-    pixel_values: np.ndarray | None  # [N, patch_dim]
+    pixel_values: np.ndarray | None  # [N, patch_dim] float32, or uint8 with pixel_table
     image_grid_thw: np.ndarray | None  # [I, 3]
+    pixel_table: np.ndarray | None = None  # [C, 256]: normalises uint8 pixel_values (VisionInputs)
 
 
 # ---------------------------------------------------------------------- images
@@ -164,7 +165,7 @@ def load_image(item) -> Image.Image:
         raise
     except Exception as e:  # missing, truncated or corrupt files
         raise _unreadable(e) from None
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")  # convert copies even an RGB image
 
 
 def image_grid(size: tuple[int, int], cfg: ImageProcessorConfig) -> tuple[int, int, int]:
@@ -396,14 +397,17 @@ def tokenize_segments(tokenizer, texts: list[str]) -> list[list[int]]:
 
 
 def build_example(tokenizer, row: dict, image_config: ImageProcessorConfig, merge_size: int,
-                  max_length: int, with_pixels: bool = True, messages_loss: str = "all") -> Example:
-    """Render, tokenise, expand placeholders to the grid's token count, mask. Raises BadRow."""
+                  max_length: int, with_pixels: bool = True, messages_loss: str = "all",
+                  raw_pixels: bool = False) -> Example:
+    """Render, tokenise, expand placeholders to the grid's token count, mask. Raises BadRow.
+    raw_pixels: uint8 pixel rows and the table that normalises them on the device (training
+    batches: a quarter of the bytes), else the processor's float32 rows."""
     items = row_images(row)
     pixel_values = None
     if items and with_pixels:
         images = [load_image(x) for x in items]
         try:
-            pixel_values, grid = preprocess_images(images, image_config)
+            pixel_values, grid = preprocess_images(images, image_config, raw=raw_pixels)
         except ValueError as e:  # e.g. an extreme aspect ratio
             raise BadRow("bad_image", str(e)) from None
     elif items:
@@ -415,4 +419,5 @@ def build_example(tokenizer, row: dict, image_config: ImageProcessorConfig, merg
     pad_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
     ids, mask = assemble(tokenize_segments(tokenizer, [t for t, _ in segments]), [s for _, s in segments],
                          counts, pad_id, max_length)
-    return Example(ids, mask, pixel_values, grid)
+    table = normalize_table(image_config) if raw_pixels and pixel_values is not None else None
+    return Example(ids, mask, pixel_values, grid, table)

@@ -35,6 +35,10 @@ class VisionInputs:
     pos_weight    [F * L, 4] f32    their weights (0 in padding rows)
     rot_pos       [F * L, 2] int32  (row, col) patch coordinates for the 2-D rotary embedding
     frame_lengths [F] int32         real patches of each frame (0: a padding frame)
+    pixel_table   [C, 256] f32 or None: when given, pixel_values are still images' uint8 values,
+                  one temporal slice, [F * L, C*p*p]; the tower normalises them through this
+                  table (image_processing.normalize_table) and fills every temporal slice: the
+                  processor's float32 rows from an eighth of the bytes
     """
 
     pixel_values: np.ndarray
@@ -42,6 +46,7 @@ class VisionInputs:
     pos_weight: np.ndarray
     rot_pos: np.ndarray
     frame_lengths: np.ndarray
+    pixel_table: np.ndarray | None = None
 
 
 def frame_bucket(n: int, minimum: int = 64) -> int:
@@ -76,8 +81,10 @@ def _axis_taps(index: np.ndarray, size: int, side: int) -> tuple[np.ndarray, np.
     return taps, np.maximum(np.float32(1) - distance, np.float32(0)).astype(np.float32)
 
 
-def check_grids(pixel_values: np.ndarray, grid_thw: np.ndarray, cfg: VisionConfig) -> np.ndarray:
-    """Validate `pixel_values` against `grid_thw` ([num_images_or_videos, 3]); the grids as int64."""
+def check_grids(pixel_values: np.ndarray | list[np.ndarray], grid_thw: np.ndarray, cfg: VisionConfig,
+                raw: bool = False) -> np.ndarray:
+    """Validate `pixel_values` (or its pieces) against `grid_thw` ([num_images_or_videos, 3]);
+    the grids as int64."""
     grid_thw = np.asarray(grid_thw, dtype=np.int64).reshape(-1, 3)
     m = cfg.spatial_merge_size
     for i, (t, h, w) in enumerate(grid_thw):
@@ -85,9 +92,12 @@ def check_grids(pixel_values: np.ndarray, grid_thw: np.ndarray, cfg: VisionConfi
             raise ValueError(f"grid {i} (t,h,w)=({t},{h},{w}): h and w must be positive multiples of "
                              f"spatial_merge_size={m} (grids are in patch units)")
     n = int((grid_thw[:, 0] * grid_thw[:, 1] * grid_thw[:, 2]).sum())
-    if pixel_values.ndim != 2 or pixel_values.shape != (n, cfg.patch_dim):
-        raise ValueError(f"pixel_values has shape {list(pixel_values.shape)}, but the grids "
-                         f"{grid_thw.tolist()} need [{n}, {cfg.patch_dim}] (sum of t*h*w rows of C*T*p*p)")
+    pieces = pixel_values if isinstance(pixel_values, (list, tuple)) else [pixel_values]
+    width = cfg.patch_dim // cfg.temporal_patch_size if raw else cfg.patch_dim
+    shape = [sum(len(x) for x in pieces), pieces[0].shape[1] if pieces[0].ndim == 2 else None]
+    if any(x.ndim != 2 for x in pieces) or shape != [n, width]:
+        raise ValueError(f"pixel_values has shape {shape}, but the grids {grid_thw.tolist()} need [{n}, {width}] "
+                         f"(sum of t*h*w rows of {'C*p*p uint8' if raw else 'C*T*p*p'})")
     return grid_thw
 
 
@@ -97,12 +107,16 @@ def frame_sizes(grid_thw: np.ndarray) -> np.ndarray:
     return np.repeat(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0])
 
 
-def build_vision_inputs(pixel_values: np.ndarray, grid_thw: np.ndarray, cfg: VisionConfig,
-                        n_frames: int | None = None, frame_len: int | None = None) -> VisionInputs:
+def build_vision_inputs(pixel_values: np.ndarray | list[np.ndarray], grid_thw: np.ndarray, cfg: VisionConfig,
+                        n_frames: int | None = None, frame_len: int | None = None,
+                        pixel_table: np.ndarray | None = None) -> VisionInputs:
     """Lay the images out frame-major: n_frames frames (default: as many as the grids have) of
-    frame_len rows (default: the largest frame), padding frames and rows after the real ones."""
-    pixel_values = np.asarray(pixel_values)
-    grid_thw = check_grids(pixel_values, grid_thw, cfg)
+    frame_len rows (default: the largest frame), padding frames and rows after the real ones.
+    pixel_values: all rows, or a list of consecutive pieces of them (e.g. one per sample: the
+    rows are copied once, into their frames, never concatenated first)."""
+    pieces = [np.asarray(x) for x in pixel_values] if isinstance(pixel_values, (list, tuple)) else [
+        np.asarray(pixel_values)]
+    grid_thw = check_grids(pieces, grid_thw, cfg, raw=pixel_table is not None)
     m, side = cfg.spatial_merge_size, int(round(cfg.num_position_embeddings**0.5))
     sizes = frame_sizes(grid_thw)
     n_frames = len(sizes) if n_frames is None else n_frames
@@ -130,12 +144,29 @@ def build_vision_inputs(pixel_values: np.ndarray, grid_thw: np.ndarray, cfg: Vis
     lengths = np.zeros(n_frames, np.int32)
     lengths[:len(sizes)] = sizes
     return VisionInputs(
-        pixel_values=place(pixel_values, pixel_values.dtype),
+        pixel_values=_frames(pieces, sizes, n_frames, frame_len),
         pos_index=place(np.concatenate(index), np.int32),
         pos_weight=place(np.concatenate(weight), np.float32),
         rot_pos=place(np.concatenate(rot), np.int32),
         frame_lengths=lengths,
+        pixel_table=None if pixel_table is None else np.asarray(pixel_table, np.float32),
     )
+
+
+def _frames(pieces: list[np.ndarray], sizes: np.ndarray, n_frames: int, frame_len: int) -> np.ndarray:
+    """The rows of `pieces` (in order) copied frame by frame into [n_frames * frame_len, D],
+    zeros after each frame's real rows and in the padding frames."""
+    out = np.empty((n_frames * frame_len, pieces[0].shape[1]), pieces[0].dtype)
+    f = 0
+    for piece in pieces:
+        at = 0
+        while at < len(piece):
+            n, start = int(sizes[f]), f * frame_len
+            out[start:start + n] = piece[at:at + n]
+            out[start + n:start + frame_len] = 0
+            at, f = at + n, f + 1
+    out[f * frame_len:] = 0
+    return out
 
 
 def real_patch_rows(sizes: np.ndarray, frame_len: int) -> np.ndarray:

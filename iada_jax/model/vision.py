@@ -133,6 +133,24 @@ class PatchMerger(nn.Module):
         return Dense(self.cfg.out_hidden_size, use_bias=True, name="linear_fc2")(x)
 
 
+def vision_pixels(vis: VisionInputs, temporal: int) -> Array:
+    """The processor's float32 pixel rows [N, C*T*p*p]: as given, or, for uint8 rows of one
+    temporal slice with a pixel_table, each byte looked up in its channel's row of the table
+    (the float32 values the host would have computed) and written to all `temporal` slices,
+    padding rows zero as in the float layout."""
+    if vis.pixel_table is None:
+        return vis.pixel_values
+    raw, table = vis.pixel_values, vis.pixel_table
+    rows, channels = raw.shape[0], table.shape[0]
+    per = raw.shape[1] // channels
+    index = raw.astype(jnp.int32) + 256 * jnp.repeat(jnp.arange(channels, dtype=jnp.int32), per)[None, :]
+    values = table.reshape(-1)[index].reshape(rows, channels, 1, per)
+    values = jnp.broadcast_to(values, (rows, channels, temporal, per)).reshape(rows, channels * temporal * per)
+    length = rows // vis.frame_lengths.shape[0]
+    real = (jnp.arange(length)[None, :] < vis.frame_lengths[:, None]).reshape(-1, 1)
+    return jnp.where(real, values, 0.0)
+
+
 class PatchEmbed(nn.Module):
     """Conv3d with kernel == stride as a matmul over flattened (C, T, y, x) patches."""
 
@@ -167,7 +185,7 @@ class VisionModel(nn.Module):
     @nn.compact
     def __call__(self, vis: VisionInputs):
         c = self.cfg
-        x = PatchEmbed(c, name="patch_embed")(vis.pixel_values.astype(self.dtype))
+        x = PatchEmbed(c, name="patch_embed")(vision_pixels(vis, self.cfg.temporal_patch_size).astype(self.dtype))
         pos = PositionEmbedding(c.num_position_embeddings, c.hidden_size, name="pos_embed")(vis.pos_index, vis.pos_weight)
         x = x + pos.astype(x.dtype)
         cos, sin = vision_cos_sin(vis.rot_pos, c.head_dim, c.rope_theta)
