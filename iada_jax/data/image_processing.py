@@ -116,11 +116,15 @@ def preprocess_image(image: Image.Image, cfg: ImageProcessorConfig,
         image = image.convert("RGB")
     if image.size != (width, height):  # PIL's resize to the same size is a copy
         image = image.resize((width, height), Image.BICUBIC)
-    a = np.frombuffer(image.tobytes(), np.uint8).reshape(height, width, 3)  # np.asarray(image): 7x slower
     p, m, tp = cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size
-    gh, gw, c = height // p, width // p, a.shape[2]
-    u8 = np.ascontiguousarray(a.reshape(gh // m, m, p, gw // m, m, p, c).transpose(0, 3, 1, 4, 6, 2, 5))
-    u8 = u8.reshape(gh * gw, c, p * p)  # bh, bw, mh, mw, C, py, px
+    gh, gw = height // p, width // p
+    # Planar channels (PIL's split), then the patches: a patch row of p bytes moves as one
+    # item (numpy's void type), 2x faster than transposing interleaved RGB byte by byte.
+    planes = np.stack([np.frombuffer(ch.tobytes(), np.uint8) for ch in image.split()]).reshape(-1, height, width)
+    c = planes.shape[0]
+    rows = planes.view(f"V{p}").reshape(c, gh // m, m, p, gw // m, m)  # C, bh, mh, py, bw, mw
+    u8 = np.ascontiguousarray(rows.transpose(1, 4, 2, 5, 0, 3)).view(np.uint8)  # bh, bw, mh, mw, C, py, px
+    u8 = u8.reshape(gh * gw, c, p * p)
     if raw:  # one temporal slice: the tower writes a still image to all of them
         return u8.reshape(gh * gw, c * p * p), (1, gh, gw)
     out = np.empty((gh * gw, c, tp, p * p), np.float32)
