@@ -100,7 +100,8 @@ def test_the_cache_is_reused_and_keyed_by_what_the_index_depends_on(embedded, da
     logs = []
     again = build_index(rows, tok, settings(), source=data_file, workers=1, cache_dir=str(tmp_path), log=logs.append)
     assert "from the cache" in logs[0] and again.path == first.path
-    for name in ("lengths", "images", "visual_tokens", "frame_patches", "reasons"):
+    for name in ("lengths", "images", "visual_tokens", "frame_patches", "reasons", "tokens", "token_mask",
+                 "token_offsets"):
         np.testing.assert_array_equal(getattr(again, name), getattr(first, name))
     assert again.details == first.details
     keys = {first.key}
@@ -114,7 +115,7 @@ def test_the_cache_is_reused_and_keyed_by_what_the_index_depends_on(embedded, da
     other.chat_template = tok.chat_template.replace("<|im_start|>", "<|im_start|> ")
     keys.add(build_index(rows, other, settings(), source=data_file, workers=1, cache_dir=str(tmp_path),
                          log=lambda *a: None).key)
-    assert len(keys) == 6 and len(os.listdir(tmp_path)) == 6
+    assert len(keys) == 6 and len([f for f in os.listdir(tmp_path) if f.endswith(".npz")]) == 6
     assert build_index(rows, tok, settings(max_length=128), source=data_file, workers=1, cache_dir=str(tmp_path),
                        log=lambda *a: None).lengths[4] == 128
 
@@ -270,3 +271,31 @@ print(json.dumps({{"ctx": ctx, "lengths": index.lengths.tolist(), "reasons": ind
     here = build_index(open_rows(data_file), tok, settings(), workers=1, cache_dir="", log=lambda *a: None)
     assert forked["ctx"] == "fork" and index_mod._process_context().get_start_method() == "spawn"
     assert forked["lengths"] == here.lengths.tolist() and forked["reasons"] == dict(here.skipped())
+
+
+def test_the_loaders_examples_from_index_tokens_equal_build_example(embedded, data_file, tmp_path):
+    """The loader takes each row's tokens from the index (no second rendering or tokenising)
+    and decodes its images: every usable row's example equals build_example's."""
+    _, _, tok, model = embedded
+    data = SFTData(DataConfig(path=data_file, max_length=256, batch_size=2, buckets=(256,), workers=1, max_images=2,
+                              index_cache=str(tmp_path)), tok, CFG, model.config, log=lambda *a: None)
+    again = SFTData(DataConfig(path=data_file, max_length=256, batch_size=2, buckets=(256,), workers=1, max_images=2,
+                               index_cache=str(tmp_path)), tok, CFG, model.config, log=lambda *a: None)
+    assert isinstance(again.index.tokens, np.memmap)  # the cached tokens are mapped, not read
+    arrow = open_rows(data_file).with_format("arrow")
+    checked = 0
+    for i in np.flatnonzero(data.index.usable):
+        if i % 9 == 6:
+            continue  # the truncated JPEG: an empty row at load time (tested above)
+        want = build_example(tok, arrow[int(i)].to_pylist()[0], CFG, 2, 256, raw_pixels=True)
+        for loader in (data, again):
+            got = loader.load_example(int(i))
+            np.testing.assert_array_equal(got.input_ids, want.input_ids)
+            np.testing.assert_array_equal(got.loss_mask, want.loss_mask)
+            if want.pixel_values is not None:
+                np.testing.assert_array_equal(got.pixel_values, want.pixel_values)
+                np.testing.assert_array_equal(got.image_grid_thw, want.image_grid_thw)
+        checked += 1
+    again._image_column = None  # the path for data sets with an index mapping (select, shuffle)
+    np.testing.assert_array_equal(again.load_example(1).pixel_values, data.load_example(1).pixel_values)
+    assert checked == 15  # rows 0, 1, 2, 4 and 7 of each of the three copies

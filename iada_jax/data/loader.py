@@ -8,8 +8,10 @@
    text-length bucket each (incomplete batches dropped), so the step compiles once per
    bucket. A position (epoch, batch) identifies where a run is; resuming replays nothing.
 3. Batches are built ahead of the device in a background thread (image decoding in a pool).
-   Rows are read as Arrow stores them (images as bytes, decoded in the pool). A row whose image turns out to be undecodable only now (the index reads headers) becomes an
-   empty row of its batch (no loss, shapes unchanged), named in the log.
+   A row's tokens come from the index; its images are read as Arrow stores them (bytes) and
+   decoded in the pool. A row whose image turns out to be undecodable only now (the index
+   reads headers) becomes an empty row of its batch (no loss, shapes unchanged), named in
+   the log.
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ import numpy as np
 
 from iada_jax.config import Qwen3VLConfig
 from iada_jax.data.batch import Batch
-from iada_jax.data.image_processing import ImageProcessorConfig
+from iada_jax.data.image_processing import ImageProcessorConfig, normalize_table
 from iada_jax.data.index import IndexSettings, RowIndex, build_index, describe
-from iada_jax.data.sft import BadRow, Example, build_example
+from iada_jax.data.sft import IMAGE_PAD, BadRow, Example, example_pixels, expand, row_images
 from iada_jax.data.vision_inputs import build_vision_inputs, frame_bucket, frame_sizes, scatter_index
 from iada_jax.positions import get_rope_index
 
@@ -92,7 +94,14 @@ class SFTData:
         self.cfg, self.tokenizer, self.image_config, self.model_cfg, self.log = cfg, tokenizer, image_config, model_cfg, log
         t0 = time.perf_counter()
         self.rows = open_rows(cfg.path, cfg.split)
-        self._arrow = self.rows.with_format("arrow")  # rows with images as stored: {"bytes", "path"}, not decoded
+        self._images = next((c for c in ("images", "image") if c in self.rows.column_names), None)
+        # The image column as Arrow stores it ({"bytes", "path"}: decoded in the pool, not by
+        # datasets); straight from the Arrow table when no index mapping (select/shuffle) sits on it.
+        self._image_column = None
+        if self._images is not None and getattr(self.rows, "_indices", None) is None:
+            self._image_column = self.rows.data.table.column(self._images)
+        self._image_rows = None if self._images is None else self.rows.select_columns([self._images]).with_format("arrow")
+        self._pad_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
         settings = IndexSettings(max_length=cfg.max_length, image=image_config,
                                  merge_size=model_cfg.vision.spatial_merge_size, messages_loss=cfg.messages_loss)
         self.index: RowIndex = build_index(self.rows, tokenizer, settings, source=cfg.path, workers=cfg.workers,
@@ -120,25 +129,26 @@ class SFTData:
     def describe(self) -> str:
         return describe(self.index, self.cfg.text_buckets(), self.cfg.max_images)
 
-    def row(self, i: int) -> dict:
-        return self._arrow[i].to_pylist()[0]
-
-    def _example(self, i: int, with_pixels: bool) -> Example:
-        return build_example(self.tokenizer, self.row(i), self.image_config, self.model_cfg.vision.spatial_merge_size,
-                             self.cfg.max_length, with_pixels=with_pixels, messages_loss=self.cfg.messages_loss,
-                             raw_pixels=True)
-
     def load_example(self, i: int) -> Example:
-        """Row i with its pixels, as indexed; an image that cannot be decoded gives an empty row."""
+        """Row i: its tokens from the index (rendered and tokenised once, when indexing), its
+        images decoded; an image that cannot be decoded gives an empty row."""
         try:
-            ex = self._example(i, with_pixels=True)
+            if self._images is None:
+                items = []
+            elif self._image_column is not None:
+                items = row_images({self._images: self._image_column[i].as_py()})
+            else:
+                items = row_images(self._image_rows[i].to_pylist()[0])
+            pixels, grid, counts = example_pixels(items, self.image_config, self.model_cfg.vision.spatial_merge_size,
+                                                  raw_pixels=True)
+            ids, mask = expand(*self.index.row_tokens(i), counts, self._pad_id, self.cfg.max_length)
         except BadRow as e:
             self.log(f"data: row {i} is unusable at load time ({e}); it is an empty row of its batch")
             return Example(np.zeros(0, np.int32), np.zeros(0, np.int32), None, None)
-        if len(ex.input_ids) != self.index.lengths[i]:
-            raise RuntimeError(f"row {i}: {len(ex.input_ids)} tokens now, {self.index.lengths[i]} when indexed "
+        if len(ids) != self.index.lengths[i]:
+            raise RuntimeError(f"row {i}: {len(ids)} tokens now, {self.index.lengths[i]} when indexed "
                                f"({self.index.path or 'not cached'}); delete the index file and restart")
-        return ex
+        return Example(ids, mask, pixels, grid, None if pixels is None else normalize_table(self.image_config))
 
     # ------------------------------------------------------------------ planning
     def epoch_plan(self, epoch: int) -> list[tuple[int, list[int]]]:

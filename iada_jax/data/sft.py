@@ -335,11 +335,18 @@ def render_segments(tokenizer, row: dict, n_images: int, messages_loss: str = "a
 # ---------------------------------------------------------------------- tokens
 def assemble(segment_ids: list[list[int]], supervised: list[bool], counts: list[int], pad_id: int,
              max_length: int) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids and loss mask from the tokenised segments: each `<|image_pad|>` (tokenised alone)
-    repeated to its image's token count, as the processor's expansion does (the pad is a special
-    token, so expanding before or after tokenising gives the same ids). Raises BadRow."""
+    """Token ids and loss mask from the tokenised segments (see `expand`). Raises BadRow."""
     ids = np.fromiter(itertools.chain.from_iterable(segment_ids), np.int32)
     mask = np.repeat(np.asarray(supervised, np.int32), [len(s) for s in segment_ids])
+    return expand(ids, mask, counts, pad_id, max_length)
+
+
+def expand(ids: np.ndarray, mask: np.ndarray, counts: list[int], pad_id: int,
+           max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """The row's tokens with each `<|image_pad|>` (tokenised alone) repeated to its image's token
+    count, as the processor's expansion does (the pad is a special token, so expanding before or
+    after tokenising gives the same ids), checked and truncated. Raises BadRow."""
+    ids, mask = np.asarray(ids, np.int32), np.asarray(mask, np.int32)
     pads = np.flatnonzero(ids == pad_id)
     if len(pads) != len(counts):
         raise BadRow("placeholder_mismatch", f"{len(counts)} images but {len(pads)} placeholders in the rendered text")
@@ -396,25 +403,32 @@ def tokenize_segments(tokenizer, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
-def build_example(tokenizer, row: dict, image_config: ImageProcessorConfig, merge_size: int,
-                  max_length: int, with_pixels: bool = True, messages_loss: str = "all",
-                  raw_pixels: bool = False) -> Example:
-    """Render, tokenise, expand placeholders to the grid's token count, mask. Raises BadRow.
-    raw_pixels: uint8 pixel rows and the table that normalises them on the device (training
-    batches: a quarter of the bytes), else the processor's float32 rows."""
-    items = row_images(row)
+def example_pixels(items: list, image_config: ImageProcessorConfig, merge_size: int, with_pixels: bool = True,
+                   raw_pixels: bool = False) -> tuple[np.ndarray | None, np.ndarray | None, list[int]]:
+    """(pixel_values, image_grid_thw, visual tokens per image) of a row's image items: decoded
+    and preprocessed, or (with_pixels=False) only their grids from the headers. Raises BadRow."""
+    if not items:
+        return None, None, []
     pixel_values = None
-    if items and with_pixels:
+    if with_pixels:
         images = [load_image(x) for x in items]
         try:
             pixel_values, grid = preprocess_images(images, image_config, raw=raw_pixels)
         except ValueError as e:  # e.g. an extreme aspect ratio
             raise BadRow("bad_image", str(e)) from None
-    elif items:
-        grid = np.asarray([image_grid(image_size(x), image_config) for x in items], np.int64)
     else:
-        grid = None
-    counts = [] if grid is None else [int(np.prod(g)) // merge_size**2 for g in grid]
+        grid = np.asarray([image_grid(image_size(x), image_config) for x in items], np.int64)
+    return pixel_values, grid, [int(np.prod(g)) // merge_size**2 for g in grid]
+
+
+def build_example(tokenizer, row: dict, image_config: ImageProcessorConfig, merge_size: int,
+                  max_length: int, with_pixels: bool = True, messages_loss: str = "all",
+                  raw_pixels: bool = False) -> Example:
+    """Render, tokenise, expand placeholders to the grid's token count, mask. Raises BadRow.
+    raw_pixels: uint8 pixel rows and the table that normalises them on the device (training
+    batches: an eighth of the bytes), else the processor's float32 rows."""
+    items = row_images(row)
+    pixel_values, grid, counts = example_pixels(items, image_config, merge_size, with_pixels, raw_pixels)
     segments = render_segments(tokenizer, row, len(items), messages_loss)
     pad_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
     ids, mask = assemble(tokenize_segments(tokenizer, [t for t, _ in segments]), [s for _, s in segments],
