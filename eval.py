@@ -87,6 +87,10 @@ def main(argv=None) -> int:
                          "setting, else 200704 = lmms-eval's qwen3_vl; the embedded model: its own)")
     ap.add_argument("--max-pixels", type=int, default=None,
                     help="... and at most this many (default: the run's, else 1605632 = lmms-eval's qwen3_vl)")
+    ap.add_argument("--reasoning-tags", default=None,
+                    help="JSON list of [start, end] pairs whose blocks are cut from answers before scoring, or "
+                         "'none' (default: lmms-eval 0.7.3's, [[\"<think>\", \"</think>\"], "
+                         "[\"<analysis>\", \"</analysis>\"]])")
     ap.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                     help="compute dtype (default bfloat16; float32 for the embedded default)")
     ap.add_argument("--compare", nargs="+", metavar="EVAL_DIR", help="print the results of these eval folders side by side")
@@ -116,6 +120,7 @@ def _evaluate(args) -> int:
     from iada_jax.adapters import load_adapters
     from iada_jax.config import ForwardConfig
     from iada_jax.evaluation.benchmarks import PAPER, get_benchmark
+    from iada_jax.evaluation.reasoning import parse_reasoning_tags
     from iada_jax.evaluation.runner import EvalConfig, Evaluator
     from iada_jax.evaluation.table import markdown, write_results
 
@@ -136,8 +141,9 @@ def _evaluate(args) -> int:
     model = iada_jax.load_pretrained(model_dir, dtype=dtype, fwd=fwd)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     limits = pixel_limits(args, embedded=args.model is None)
+    tags = parse_reasoning_tags(args.reasoning_tags)
     cfg = EvalConfig(batch_size=args.batch_size, mode=args.mode, max_length=args.max_length,
-                     max_new_tokens=args.max_new_tokens, limit=args.limit, **limits)
+                     max_new_tokens=args.max_new_tokens, limit=args.limit, reasoning_tags=tags, **limits)
     evaluator = Evaluator(model, tokenizer, lora=lora, iada=iada, adapters=variables, cfg=cfg, progress=args.progress)
     os.makedirs(args.out, exist_ok=True)
     scores, details = {}, {}
@@ -147,7 +153,7 @@ def _evaluate(args) -> int:
         log(f"{bench.TITLE}: {result['score']:.1f}")
     label = args.label or os.path.basename(os.path.normpath(args.adapter or model_dir))
     settings = {"model": model_dir, "adapter": args.adapter, "mode": args.mode, "dtype": dtype,
-                "max_length": args.max_length, **limits}
+                "max_length": args.max_length, "reasoning_tags": tags, **limits}
     row = write_results(args.out, label, scores, details, settings)
     print(markdown({label: row}), end="")
     print(f"wrote {args.out}/results.md and results.json; per-sample predictions in {args.out}/<bench>/", file=sys.stderr)

@@ -35,6 +35,7 @@ def test_eval_writes_the_papers_table_for_all_benchmarks(embedded, fixtures, tmp
     results = json.load(open(out / "results.json"))
     assert results["label"] == "tiny"
     assert results["settings"]["min_pixels"] == 1024 and results["settings"]["max_pixels"] == 4096
+    assert results["settings"]["reasoning_tags"] == [["<think>", "</think>"], ["<analysis>", "</analysis>"]]
     row = results["row"]
     assert list(row) == list(PAPER) + ["R-Avg", "P-Avg", "All-Avg"]
     assert all(0.0 <= row[k] <= 100.0 for k in row), row

@@ -20,6 +20,7 @@ import numpy as np
 
 from iada_jax.data.loader import collate, next_pow2
 from iada_jax.data.sft import BadRow, Example, build_example
+from iada_jax.evaluation.reasoning import DEFAULT_REASONING_TAGS, strip_reasoning_tags
 from iada_jax.evaluation.benchmark import Sample
 from iada_jax.evaluation.generate import GenerationConfig, generate_batch
 from iada_jax.model.qwen3_vl import forward
@@ -36,6 +37,8 @@ class EvalConfig:
     limit: int | None = None
     min_pixels: int | None = None  # image size limits; None: the model's preprocessor_config.json
     max_pixels: int | None = None
+    # Blocks cut from generated answers before scoring (lmms-eval 0.7.3's default); None: none.
+    reasoning_tags: tuple[tuple[str, str], ...] | None = DEFAULT_REASONING_TAGS
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "fwd", "lora", "iada"))
@@ -158,10 +161,15 @@ class Evaluator:
                 predictions[i], logprobs[i] = answer, scores
         else:
             predictions = self.generate(samples, self.cfg.max_new_tokens or bench.MAX_NEW_TOKENS, desc=bench.TITLE)
+        raw = predictions
+        if self.cfg.reasoning_tags is not None:  # as lmms-eval, before the task's own extraction
+            predictions = [strip_reasoning_tags(p, self.cfg.reasoning_tags) for p in predictions]
         scores = bench.score(samples, predictions)
         with open(os.path.join(folder, "predictions.jsonl"), "w") as f:
             for i, (s, p) in enumerate(zip(samples, predictions)):
                 record = {"id": s.id, "prompt": s.prompt, "prediction": p, "target": _jsonable(s.target)}
+                if raw[i] != p:
+                    record["raw_prediction"] = raw[i]
                 if logprobs is not None and logprobs[i]:
                     record["option_logprobs"] = dict(zip(s.options, logprobs[i]))
                 f.write(json.dumps(record) + "\n")
