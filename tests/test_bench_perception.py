@@ -171,6 +171,7 @@ def test_ocrbench_score_counts_per_question_type():
     out = ocrbench.score([sample(a, dataset=d, question_type=t) for d, t, a, _ in rows], [p for *_, p in rows])
     assert (out["final_score"], out["samples"], out["text_recognition"]) == (3, 5, 1)
     assert out["score"] == 60.0  # 3 hits of 5
+    assert out["lmms_eval_accuracy"] == 0.3  # lmms-eval: 3 hits of 1000, whatever the sample count
     assert out["per_question_type"] == {
         "Doc-oriented VQA": {"hits": 1, "total": 2},
         "Handwritten Mathematical Expression Recognition": {"hits": 1, "total": 2},

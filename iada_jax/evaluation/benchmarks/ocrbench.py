@@ -106,6 +106,9 @@ def score(samples: list[Sample], predictions: list[str]) -> dict:
     return {
         "score": percent(hits, len(samples)),
         "final_score": hits,
+        # lmms-eval 0.7.3 `ocrbench_aggregate_accuracy` returns Final Score / 1000 whatever the
+        # number of samples: equal to "score" on the full set, smaller on a --limit subset.
+        "lmms_eval_accuracy": 100.0 * hits / 1000,
         "samples": len(samples),
         "text_recognition": sum(c["hits"] for t, c in per_type.items() if t in RECOGNITION),
         "per_question_type": dict(sorted(per_type.items())),
