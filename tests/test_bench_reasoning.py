@@ -157,6 +157,21 @@ def test_mmstar_score_is_the_mean_of_l2_categories():
     assert result["l2/statistical reasoning"] == pytest.approx(100 / 3)
 
 
+def test_mmstar_and_realworldqa_look_for_letters_a_to_d_whatever_the_options():
+    """As lmms-eval 0.7.3 (`extract_mcq_answer(pred, choices=["A", "B", "C", "D"])` in both): a
+    two-option question answered "the answer is B, not C" reads C (the later phrase match), and a
+    fifth option's letter is never found."""
+    two = ("A", "B")
+    five = ("A", "B", "C", "D", "E")
+    mm = [_mc("0", "B", category="math", l2_category="geometry"), _mc("1", "E", category="math", l2_category="geometry")]
+    mm[0] = Sample(id="0", prompt="", images=[], target="B", options=two, meta=mm[0].meta)
+    mm[1] = Sample(id="1", prompt="", images=[], target="E", options=five, meta=mm[1].meta)
+    assert mmstar.score(mm, ["The answer is B, not C", "E"])["plain"] == 0.0
+    assert mmstar.score(mm, ["B", "D"])["plain"] == 50.0
+    assert not realworldqa.is_correct("The answer is B, not C", "B", two)
+    assert realworldqa.is_correct("B", "b", two)  # a lower-case gold letter is a letter gold too
+
+
 def test_ai2d_score():
     predictions = ["B.", "  B. green", "b", "(B)", "B ", "The answer is B", " b. green", "C. red"]
     # 1: "B." and "  B. green" (filter takes the letter), "b" (case), "(B)" (punctuation dropped);

@@ -4,8 +4,10 @@ sub-categories (l2_category), 250 questions per core category.
 Mirrors lmms-eval `tasks/mmstar/` (`mmstar.yaml`, `utils.py`):
 - prompt (`mmstar_doc_to_text`): the question (options embedded as "Options: A: ..., B: ...")
   stripped, " Please answer yes or no." removed, then the post-prompt (which has no final period);
-- scoring: `extract_mcq_answer` (mcq.py) must give the answer letter (the current lmms-eval;
-  before April 2026 it read the first character, "(X", "option X" or "the answer is X");
+- scoring: `extract_mcq_answer` (mcq.py) over the letters A-D, whatever options the question
+  offers (lmms-eval 0.7.3 `exact_match`: a fifth option's letter is never found), must give the
+  answer letter (before April 2026 lmms-eval read the first character, "(X", "option X" or
+  "the answer is X");
 - metric "average": the mean of the per-l2_category accuracies, in %; the six core categories
   are reported the same way (mean of their sub-categories).
 """
@@ -63,7 +65,8 @@ def score(samples: list[Sample], predictions: list[str]) -> dict:
     by_l2: dict[str, list[int]] = defaultdict(list)
     l2_of: dict[str, set[str]] = defaultdict(set)
     for sample, prediction in zip(samples, predictions):
-        letter = mcq.extract_mcq_answer(prediction, sample.options)
+        # lmms-eval 0.7.3 `exact_match`: the letter among A-D, whatever options the question offers.
+        letter = mcq.extract_mcq_answer(prediction, mcq.ABCD)
         by_l2[sample.meta["l2_category"]].append(int(letter == sample.target))
         l2_of[sample.meta["category"]].add(sample.meta["l2_category"])
     l2_acc = {name: percent(sum(v), len(v)) for name, v in by_l2.items()}

@@ -3,8 +3,9 @@
 Mirrors lmms-eval `tasks/realworldqa/` (default prompt kwargs):
 - prompt: the question, stripped; it already holds the options ("A. ...") and the
   instruction, or a short-answer instruction for the free-form questions;
-- scoring: a gold letter A-D -> `extract_mcq_answer` (mcq.py) must give it (the current
-  lmms-eval; before April 2026 it was exact lower-case equality); any other gold ->
+- scoring (lmms-eval 0.7.3 `realworldqa_process_results`): a gold letter A-D (any case) ->
+  `extract_mcq_answer` (mcq.py) over the letters A-D, whatever options the question offers,
+  must give it (before April 2026 it was exact lower-case equality); any other gold ->
   `pred.lower().strip().rstrip(".") == gold.lower()`;
 - metric: the mean, in %.
 """
@@ -42,9 +43,12 @@ def load(source: str, limit: int | None = None) -> list[Sample]:
     return [_sample(row, where, i) for i, (where, row) in enumerate(read_rows(source, SPLIT, limit))]
 
 
-def is_correct(prediction: str, gold: str, letters: tuple[str, ...] | None) -> bool:
-    if gold in mcq.ABCD:
-        return mcq.extract_mcq_answer(prediction, letters or mcq.ABCD) == gold
+def is_correct(prediction: str, gold: str, letters: tuple[str, ...] | None = None) -> bool:
+    """lmms-eval 0.7.3 `realworldqa_process_results`: a gold letter A-D (any case) is compared
+    with the letter `extract_mcq_answer` finds among A-D, whatever options the question offers
+    (`letters` serve the log-likelihood mode only); anything else exactly, lower-cased."""
+    if gold.upper() in mcq.ABCD:
+        return mcq.extract_mcq_answer(prediction, mcq.ABCD) == gold.upper()
     return prediction.lower().strip().rstrip(".") == gold.lower()
 
 
