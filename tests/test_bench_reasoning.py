@@ -119,16 +119,37 @@ def test_mathvista_score():
         (integer, "14", "14.0", 1),                    # int(float("14.0"))
         (integer, "14", "There are 14 apples", 1),     # last number
         (integer, "14", "3 rows of 4 plus 2, answer: 14", 1),  # text after "answer:"
-        (integer, "14", "fourteen", 0),                # no number: None
+        (integer, "14", "fourteen", 1),                # a number word
+        (integer, "21", "There are twenty one.", 1),   # tens and units
+        (integer, "14", "none", 0),                    # no number at all: None
         (floating, "1.5", "1.52", 1),                  # round(1.52, 1)
         (floating, "1.5", "1.44", 0),                  # round(1.44, 1) = 1.4
     ]
     samples = [Sample(id=str(i), prompt="", images=[], target=t, meta=m) for i, (m, t, _, _) in enumerate(cases)]
     result = mathvista.score(samples, [p for _, _, p, _ in cases])
     assert [mathvista.score([s], [p])["correct"] for s, (_, _, p, _) in zip(samples, cases)] == [c for *_, c in cases]
-    assert result["correct"] == 8 and result["score"] == pytest.approx(800 / 12)
+    assert result["correct"] == 10 and result["score"] == pytest.approx(1000 / 14)
     assert result["multi_choice"] == pytest.approx(400 / 6)
-    assert result["integer"] == 75.0 and result["float"] == 50.0
+    assert result["integer"] == pytest.approx(500 / 6) and result["float"] == 50.0
+
+
+@pytest.mark.parametrize("response, gold", [
+    ("b", "8/11"),                                  # a lower-case letter alone
+    ("(b)", "8/11"),
+    ("Comparing the bars, the second is larger, so B.", "8/11"),  # a letter ending the response
+    ("It is between 3/5 and 8/11; the value is 8/11", "8/11"),   # the last choice text named
+])
+def test_mathvista_offline_extraction_catches_what_the_gpt_extractor_would(response, gold):
+    meta = {"question_type": "multi_choice", "answer_type": "text", "choices": ["3/11", "8/11", "6/11", "3/5"],
+            "precision": None}
+    assert mathvista.score([Sample(id="0", prompt="", images=[], target=gold, meta=meta)], [response])["correct"] == 1
+
+
+def test_mathvista_text_options_named_in_the_answer():
+    meta = {"question_type": "multi_choice", "answer_type": "text", "precision": None,
+            "choices": ["Between 2006 and 2007", "Between 2007 and 2008", "Between 2008 and 2009"]}
+    sample = Sample(id="0", prompt="", images=[], target="Between 2007 and 2008", meta=meta)
+    assert mathvista.score([sample], ["The steepest fall is between 2007 and 2008."])["correct"] == 1
 
 
 def test_levenshtein():

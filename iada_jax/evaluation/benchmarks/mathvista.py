@@ -5,7 +5,9 @@ Mirrors lmms-eval `tasks/mathvista/` (`mathvista_evals.py` `MathVistaEvaluator`)
 - extraction (`extract_answer`): the response as-is when it equals a choice, or parses as an
   int / float for those answer types. lmms-eval then asks a GPT extractor (DEMO_PROMPT),
   which returns "" without an API key; here a local rule-based extractor stands in
-  (`offline_extract`: option letter, "the answer is X", the last number);
+  (`offline_extract`: an option letter in any case, alone, as a label, after "the answer is"
+  or ending the response; a choice's text named in the response; the text after "the answer
+  is"; the last number, or number word);
 - normalisation (`normalize_extracted_answer`): multiple choice letter -> choice text, else
   the Levenshtein-nearest choice; integer `int(float(x))`; float `round(x, precision)`;
 - correct when `str(prediction).strip() == str(answer).strip()` (`safe_equal`); accuracy in %.
@@ -49,7 +51,6 @@ def load(source: str, limit: int | None = None) -> list[Sample]:
 
 
 # ----------------------------------------------------------------------------- extraction
-_LETTER_ALONE = re.compile(r"^\(?([A-Z])\)?[.:)]?$")  # "B", "(B)", "B.", "B)"
 _LETTER_LABEL = re.compile(r"^\(?([A-Z])[.:)]\s")  # "B. 8/11", "(B) 8/11"
 # The phrase in any case, the letter a capital: "the answer is a cat" names no option.
 _LETTER_PHRASE = re.compile(r"(?i:answer|option|choice)\s*(?i:is|:)\s*:?\s*\(?([A-Z])\)?(?![A-Za-z])")
@@ -71,18 +72,53 @@ def quick_extract(response: str, meta: dict) -> str | None:
     return None
 
 
+_LETTER_LAST = re.compile(r"(?<![A-Za-z'])\(?([A-Z])\)?[.!]?\s*$")  # "..., so B.", "... is (C)"
+_NUMBER_WORDS = {w: i for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen twenty".split())} | {"thirty": 30, "forty": 40, "fifty": 50, "sixty": 60,
+                                                      "seventy": 70, "eighty": 80, "ninety": 90, "hundred": 100}
+
+
 def _option_letter(response: str, letters: tuple[str, ...]) -> str:
-    """A letter the response clearly answers with: alone, as a leading label, or after
-    "answer is" / "option:" (the letter-answer examples of DEMO_PROMPT)."""
+    """A letter the response clearly answers with: alone or as a leading label (any case:
+    "b", "(b)", "B. 8/11"), after "answer is" / "option:" (the letter-answer examples of
+    DEMO_PROMPT), or a capital letter ending the response ("..., so B.")."""
     text = response.strip()
-    for pattern in (_LETTER_ALONE, _LETTER_LABEL):
-        match = pattern.match(text)
-        if match and match.group(1) in letters:
-            return match.group(1)
+    alone = text.strip("().:!").strip()
+    if len(alone) == 1 and alone.upper() in letters:
+        return alone.upper()
+    match = _LETTER_LABEL.match(text)
+    if match and match.group(1) in letters:
+        return match.group(1)
     matches = [m.group(1) for m in _LETTER_PHRASE.finditer(response)]
     if matches and matches[-1] in letters:
         return matches[-1]
+    match = _LETTER_LAST.search(text)
+    if match and match.group(1) in letters:
+        return match.group(1)
     return ""
+
+
+def _choice_text(response: str, choices: list[str]) -> str:
+    """The choice whose text the response names (case-insensitively; the last named when
+    several are, e.g. "not A but Between 2007 and 2008"), or ""."""
+    lower = response.lower()
+    named = [(lower.rfind(str(c).lower()), i) for i, c in enumerate(choices) if str(c).strip() and str(c).lower() in lower]
+    return str(choices[max(named)[1]]) if named else ""
+
+
+def _number_word(text: str) -> str:
+    """The last number written as a word ("fourteen", "twenty one" -> "21"), or ""."""
+    words = re.findall(r"[a-z]+", text.lower())
+    found, k = "", 0
+    while k < len(words):
+        if words[k] in _NUMBER_WORDS:
+            value = _NUMBER_WORDS[words[k]]
+            if value >= 20 and value % 10 == 0 and k + 1 < len(words) and 0 < _NUMBER_WORDS.get(words[k + 1], 10) < 10:
+                value, k = value + _NUMBER_WORDS[words[k + 1]], k + 1
+            found = str(value)
+        k += 1
+    return found
 
 
 def offline_extract(response: str, meta: dict) -> str:
@@ -93,11 +129,14 @@ def offline_extract(response: str, meta: dict) -> str:
         letter = _option_letter(response, mcq.option_letters(len(meta["choices"])))
         if letter:
             return letter
+        named = _choice_text(response, meta["choices"])
+        if named:
+            return named
     phrases = _ANSWER_IS.findall(response)
     tail = phrases[-1].strip().rstrip(".") if phrases else response
     if meta["answer_type"] in ("integer", "float"):
         numbers = _NUMBER.findall(tail.replace(",", "")) or _NUMBER.findall(response.replace(",", ""))
-        return numbers[-1] if numbers else ""
+        return numbers[-1] if numbers else _number_word(tail) or _number_word(response)
     return tail
 
 
