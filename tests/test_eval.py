@@ -126,3 +126,20 @@ def test_table_averages_and_compare_deltas(tmp_path):
     import eval as eval_cli
 
     assert eval_cli.main(["--compare", str(tmp_path / "A"), str(tmp_path / "missing")]) == 1
+
+
+def test_a_prompt_longer_than_max_length_is_refused_and_scored_wrong_never_truncated(embedded, tmp_path, capsys):
+    from iada_jax.data.sft import BadRow
+    from iada_jax.evaluation.runner import EvalConfig, Evaluator
+
+    _, _, tok, model = embedded
+    pope = get_benchmark("pope")
+    samples = pope.load(pope.write_fixture(str(tmp_path / "pope"), num=2, seed=1))
+    short = Evaluator(model, tok, cfg=EvalConfig(max_length=16), progress=False)  # 64 image tokens alone
+    with pytest.raises(BadRow, match="too_long"):
+        short.prompt_example(samples[0])
+    answers = [None] * len(samples)
+    assert short._prepare(samples, answers) == [] and answers == ["", ""]  # nothing generated: wrong
+    assert capsys.readouterr().out.count("scored as wrong") == 2
+    full = Evaluator(model, tok, cfg=EvalConfig(max_length=4096), progress=False)
+    assert len(full._prepare(samples, [None] * len(samples))) == 2
