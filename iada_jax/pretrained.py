@@ -167,10 +167,14 @@ def load_config(path: str | os.PathLike) -> tuple[Qwen3VLConfig, ImageProcessorC
     else:
         with open(os.path.join(path, "config.json")) as f:
             config = Qwen3VLConfig.from_hf_config(json.load(f))
-    image_config = None
+    return config, _image_config(path)
+
+
+def _image_config(path: str) -> ImageProcessorConfig | None:
+    """The folder's preprocessor_config.json, if it has one."""
     if os.path.isfile(os.path.join(path, "preprocessor_config.json")):
-        image_config = ImageProcessorConfig.from_pretrained(path)
-    return config, image_config
+        return ImageProcessorConfig.from_pretrained(path)
+    return None
 
 
 def load_pretrained(path: str | os.PathLike, dtype: str = "float32", fwd: ForwardConfig | None = None,
@@ -197,7 +201,4 @@ def load_pretrained(path: str | os.PathLike, dtype: str = "float32", fwd: Forwar
     params = jax.tree.map(put, params) if shardings is None else jax.tree.map(put, params, shardings(config, params))
     if fwd is None:
         fwd = ForwardConfig(block_size=_default_block_size(config.text.num_hidden_layers), dtype=dtype)
-    image_config = None
-    if os.path.isfile(os.path.join(path, "preprocessor_config.json")):
-        image_config = ImageProcessorConfig.from_pretrained(path)
-    return Qwen3VL(config, params, fwd, image_config)
+    return Qwen3VL(config, params, fwd, _image_config(path))

@@ -1,8 +1,8 @@
 """The row index: every row's token length, image count and visual tokens, or why it cannot be
 used, from one pass that never decodes pixels, cached on disk.
 
-What one row costs: its images' sizes from their headers (the first 64 KB of the bytes, read
-zero-copy from the memory-mapped Arrow table), the chat template rendered with one
+What one row costs: its images' sizes from their headers (sft.header_size: 2 KB of the bytes,
+read zero-copy from the memory-mapped Arrow table), the chat template rendered with one
 `<|image_pad|>` per image, and its segments tokenised in batches; the image tokens are then
 counted in (sft.expanded_length, tested equal to the sft.assemble that builds training
 examples, so the index length is the example's length). Rows are processed in chunks over
@@ -87,9 +87,18 @@ class RowIndex:
     def usable(self) -> np.ndarray:
         return self.reasons == 0
 
-    def skipped(self) -> collections.Counter:
+    def usable_within(self, max_images: int) -> np.ndarray:
+        """The usable rows with at most `max_images` images (what a batch's vision bucket holds)."""
+        return self.usable & (self.images <= max_images)
+
+    def skipped(self, max_images: int | None = None) -> collections.Counter:
+        """Unusable rows by reason; given max_images, rows with more images as too_many_images."""
         counts = np.bincount(self.reasons, minlength=len(self.reason_names))
-        return collections.Counter({self.reason_names[r]: int(n) for r, n in enumerate(counts) if r and n})
+        out = collections.Counter({self.reason_names[r]: int(n) for r, n in enumerate(counts) if r and n})
+        too_many = 0 if max_images is None else int((self.usable & (self.images > max_images)).sum())
+        if too_many:
+            out["too_many_images"] += too_many
+        return out
 
     def save(self, path: str) -> None:
         """path (.npz: the per-row arrays) and path's .tokens.npy / .mask.npy (memory-mapped when
@@ -146,7 +155,8 @@ def index_key(rows, tokenizer, settings: IndexSettings, source: str = "") -> str
 
 
 # ---------------------------------------------------------------------- one chunk of rows
-def _image_column(names) -> str | None:
+def image_column(names) -> str | None:
+    """The image column of a data set: `images` (a list per row) or `image` (one per row)."""
     return "images" if "images" in names else "image" if "image" in names else None
 
 
@@ -203,7 +213,7 @@ def _size(item) -> tuple[int, int]:
 def index_chunk(rows, start: int, stop: int, tokenizer, settings: IndexSettings) -> dict:
     """Rows [start, stop): lengths, images, visual tokens, frame patches, reasons (names)."""
     table = rows.with_format("arrow")[start:stop]
-    column = _image_column(table.column_names)
+    column = image_column(table.column_names)
     images = _chunk_images(table, column)
     texts = table.drop_columns([column]).to_pylist() if column else table.to_pylist()
     n = stop - start
@@ -350,27 +360,22 @@ def build_index(rows, tokenizer, settings: IndexSettings, *, source: str = "", w
 def describe(index: RowIndex, buckets: tuple[int, ...], max_images: int, examples_per_reason: int = 3) -> str:
     """What `train.py --index-only` prints: usable rows, skips by reason (naming rows), rows and
     padding per length bucket, images per row."""
-    usable = index.usable & (index.images <= max_images)
-    lines = [f"rows: {len(index)}; usable: {int(usable.sum())}"]
-    skipped = index.skipped()
-    too_many = int((index.usable & (index.images > max_images)).sum())
-    if too_many:
-        skipped[f"too_many_images (> --max-images {max_images})"] = too_many
-    for reason, count in sorted(skipped.items(), key=lambda kv: -kv[1]):
+    usable = index.usable_within(max_images)
+    lines = [f"rows: {len(index)}; usable: {int(usable.sum())} (at most {max_images} images per row: --max-images)"]
+    for reason, count in sorted(index.skipped(max_images).items(), key=lambda kv: -kv[1]):
         code = index.reason_names.index(reason) if reason in index.reason_names else None
         rows = np.flatnonzero(index.reasons == code)[:examples_per_reason] if code is not None else []
         named = "; ".join(f"row {r}: {index.details.get(int(r), '')}" for r in rows)
         lines.append(f"  skipped {count:>8} {reason}" + (f"  (e.g. {named})" if named else ""))
     lengths = index.lengths[usable]
     lines.append("length bucket      rows   real tokens   padding")
-    lower = 0
+    lower, total_slots = 0, 0
     for b in buckets:
         sel = (lengths > lower) & (lengths <= b)
         k = int(sel.sum())
         pad = 1.0 - float(lengths[sel].sum()) / (k * b) if k else 0.0
         lines.append(f"  {lower + 1:>5}-{b:<6} {k:>9} {int(lengths[sel].sum()):>13}   {100 * pad:5.1f}%")
-        lower = b
-    total_slots = sum(int(((lengths > lo) & (lengths <= b)).sum()) * b for lo, b in zip((0,) + buckets[:-1], buckets))
+        lower, total_slots = b, total_slots + k * b
     if total_slots:
         lines.append(f"  all buckets: {100 * (1 - float(lengths.sum()) / total_slots):.1f}% of token slots are padding")
     counts = collections.Counter(index.images[usable].tolist())

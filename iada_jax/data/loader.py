@@ -29,7 +29,7 @@ import numpy as np
 from iada_jax.config import Qwen3VLConfig
 from iada_jax.data.batch import Batch
 from iada_jax.data.image_processing import ImageProcessorConfig, normalize_table
-from iada_jax.data.index import IndexSettings, RowIndex, build_index, describe
+from iada_jax.data.index import IndexSettings, RowIndex, build_index, describe, image_column
 from iada_jax.data.sft import IMAGE_PAD, BadRow, Example, example_pixels, expand, row_images
 from iada_jax.data.vision_inputs import build_vision_inputs, frame_bucket, frame_sizes, scatter_index
 from iada_jax.positions import get_rope_index
@@ -94,7 +94,7 @@ class SFTData:
         self.cfg, self.tokenizer, self.image_config, self.model_cfg, self.log = cfg, tokenizer, image_config, model_cfg, log
         t0 = time.perf_counter()
         self.rows = open_rows(cfg.path, cfg.split)
-        self._images = next((c for c in ("images", "image") if c in self.rows.column_names), None)
+        self._images = image_column(self.rows.column_names)
         # The image column as Arrow stores it ({"bytes", "path"}: decoded in the pool, not by
         # datasets); straight from the Arrow table when no index mapping (select/shuffle) sits on it.
         self._image_column = None
@@ -106,11 +106,8 @@ class SFTData:
                                  merge_size=model_cfg.vision.spatial_merge_size, messages_loss=cfg.messages_loss)
         self.index: RowIndex = build_index(self.rows, tokenizer, settings, source=cfg.path, workers=cfg.workers,
                                            cache_dir=cfg.index_cache, log=log)
-        self.skipped: collections.Counter = self.index.skipped()
-        usable = self.index.usable & (self.index.images <= cfg.max_images)
-        too_many = int((self.index.usable & (self.index.images > cfg.max_images)).sum())
-        if too_many:
-            self.skipped["too_many_images"] += too_many
+        self.skipped: collections.Counter = self.index.skipped(cfg.max_images)
+        usable = self.index.usable_within(cfg.max_images)
         buckets = np.asarray(cfg.text_buckets())
         self.usable_rows = np.flatnonzero(usable)
         self.row_bucket = np.zeros(len(self.index), np.int32)
