@@ -45,6 +45,9 @@ def _embedded(names: list[str], log) -> tuple[str, str]:
     return ckpt, data
 
 
+EMBEDDED_MAX_NEW_TOKENS = 16
+
+
 def pixel_limits(args, embedded: bool) -> dict:
     """min/max pixels: the flags, else the training run's (its config.json), else lmms-eval's
     qwen3_vl (200704, 1605632), or the embedded tiny model's own."""
@@ -80,7 +83,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--mode", choices=["generate", "loglik"], default="generate",
                     help="generate answers (lmms-eval), or pick multiple-choice options by log-likelihood")
-    ap.add_argument("--max-new-tokens", type=int, default=None, help="default: each benchmark's")
+    ap.add_argument("--max-new-tokens", type=int, default=None,
+                    help="default: each benchmark's lmms-eval budget (MathVista 16384); the embedded default: 16")
     ap.add_argument("--max-length", type=int, default=4096, help="prompt tokens, images included")
     ap.add_argument("--min-pixels", type=int, default=None,
                     help="images resized to at least this many pixels (default: the --adapter run's training "
@@ -91,6 +95,16 @@ def main(argv=None) -> int:
                     help="JSON list of [start, end] pairs whose blocks are cut from answers before scoring, or "
                          "'none' (default: lmms-eval 0.7.3's, [[\"<think>\", \"</think>\"], "
                          "[\"<analysis>\", \"</analysis>\"]])")
+    ap.add_argument("--prompt-style", choices=["default", "qwen3_vl"], default="default",
+                    help="lmms-eval 0.7.3 prompts: each task's defaults, or those it gives its qwen3_vl model "
+                         "(MMMU and MMStar differ; the other tasks have none of their own)")
+    ap.add_argument("--mathvista-prompt", choices=["cot", "format", "solution", "query"], default="cot",
+                    help="MathVista prompt: lmms-eval's mathvista_testmini_cot (default), _format or _solution "
+                         "task, or 'query' (the data set's own query column)")
+    ap.add_argument("--mathvista-extractor", choices=["offline", "gpt"], default="offline",
+                    help="MathVista answer extraction: offline rules (default), or lmms-eval's GPT extractor through "
+                         "an OpenAI-compatible endpoint (OPENAI_API_KEY, OPENAI_API_URL, MODEL_VERSION from the "
+                         "environment; default model gpt-4o-2024-11-20)")
     ap.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                     help="compute dtype (default bfloat16; float32 for the embedded default)")
     ap.add_argument("--compare", nargs="+", metavar="EVAL_DIR", help="print the results of these eval folders side by side")
@@ -131,6 +145,9 @@ def _evaluate(args) -> int:
     if model_dir is None:
         model_dir, fixtures = _embedded(names, log)
         data = data or fixtures
+        if args.max_new_tokens is None:  # lmms-eval's budgets (MathVista 16384) would take hours on a CPU
+            args.max_new_tokens = EMBEDDED_MAX_NEW_TOKENS
+            log(f"embedded default: at most {EMBEDDED_MAX_NEW_TOKENS} new tokens per answer (--max-new-tokens)")
     dtype = args.dtype or ("float32" if args.model is None else "bfloat16")
     lora = iada = variables = None
     if args.adapter:
@@ -142,8 +159,15 @@ def _evaluate(args) -> int:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     limits = pixel_limits(args, embedded=args.model is None)
     tags = parse_reasoning_tags(args.reasoning_tags)
+    extractor = None
+    if args.mathvista_extractor == "gpt" and "mathvista" in names:
+        from iada_jax.evaluation.judge import OpenAIExtractor
+
+        extractor = OpenAIExtractor()
     cfg = EvalConfig(batch_size=args.batch_size, mode=args.mode, max_length=args.max_length,
-                     max_new_tokens=args.max_new_tokens, limit=args.limit, reasoning_tags=tags, **limits)
+                     max_new_tokens=args.max_new_tokens, limit=args.limit, reasoning_tags=tags,
+                     prompt_style=args.prompt_style, mathvista_prompt=args.mathvista_prompt,
+                     mathvista_extractor=extractor, **limits)
     evaluator = Evaluator(model, tokenizer, lora=lora, iada=iada, adapters=variables, cfg=cfg, progress=args.progress)
     os.makedirs(args.out, exist_ok=True)
     scores, details = {}, {}
@@ -153,7 +177,9 @@ def _evaluate(args) -> int:
         log(f"{bench.TITLE}: {result['score']:.1f}")
     label = args.label or os.path.basename(os.path.normpath(args.adapter or model_dir))
     settings = {"model": model_dir, "adapter": args.adapter, "mode": args.mode, "dtype": dtype,
-                "max_length": args.max_length, "reasoning_tags": tags, **limits}
+                "max_length": args.max_length, "reasoning_tags": tags, "prompt_style": args.prompt_style,
+                "mathvista_prompt": args.mathvista_prompt, "mathvista_extractor": args.mathvista_extractor,
+                "max_new_tokens": {b.NAME: args.max_new_tokens or b.MAX_NEW_TOKENS for b in benches}, **limits}
     row = write_results(args.out, label, scores, details, settings)
     print(markdown({label: row}), end="")
     print(f"wrote {args.out}/results.md and results.json; per-sample predictions in {args.out}/<bench>/", file=sys.stderr)

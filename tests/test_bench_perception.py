@@ -113,7 +113,8 @@ def test_chartqa_split_scores():
             ("augmented_test", "blue", "Blue"), ("augmented_test", "12.", "12")]
     out = chartqa.score([sample(t, type=k) for k, _, t in rows], [p for _, p, _ in rows])
     assert out == {"score": 62.5, "relaxed_overall": 62.5,  # 5 of 8
-                   "relaxed_human_split": 50.0, "relaxed_augmented_split": 75.0}  # 2 of 4, 3 of 4
+                   "relaxed_human_split": 50.0, "relaxed_augmented_split": 75.0,  # 2 of 4, 3 of 4
+                   "lmms_eval": {"relaxed_overall": 0.625, "relaxed_human_split": 0.5, "relaxed_augmented_split": 0.75}}
 
 
 # ------------------------------------------------------------------------------------- TextVQA

@@ -129,8 +129,10 @@ def test_mathvista_score():
     result = mathvista.score(samples, [p for _, _, p, _ in cases])
     assert [mathvista.score([s], [p])["correct"] for s, (_, _, p, _) in zip(samples, cases)] == [c for *_, c in cases]
     assert result["correct"] == 10 and result["score"] == pytest.approx(1000 / 14)
-    assert result["multi_choice"] == pytest.approx(400 / 6)
-    assert result["integer"] == pytest.approx(500 / 6) and result["float"] == 50.0
+    assert result["question_type"]["multi_choice"] == {"accuracy": round(400 / 6, 2), "correct": 4, "total": 6}
+    assert result["answer_type"]["integer"]["accuracy"] == round(500 / 6, 2)
+    assert result["answer_type"]["float"]["accuracy"] == 50.0
+    assert result["lmms_eval"] == {"llm_as_judge_eval": round(1000 / 14, 2)}  # lmms-eval's rounding
 
 
 @pytest.mark.parametrize("response, gold", [
@@ -207,7 +209,8 @@ def test_realworldqa_score():
     samples += [Sample(id=str(i), prompt="", images=[], target=t) for i, t in ((3, "3"), (4, "Yes"), (5, "3"))]
     predictions = ["B", "The answer is B.", "b",  # letter gold: 1, 1, 0 (extraction is case-sensitive)
                    " 3. ", "yes.", "three"]  # other golds: 1, 1 (lower, strip, rstrip "."), 0
-    assert realworldqa.score(samples, predictions) == {"score": pytest.approx(400 / 6), "correct": 4, "total": 6}
+    assert realworldqa.score(samples, predictions) == {"score": pytest.approx(400 / 6), "correct": 4, "total": 6,
+                                                       "lmms_eval": {"exact_match": 4 / 6}}
 
 
 @pytest.mark.parametrize("module", MODULES, ids=lambda m: m.NAME)
@@ -220,8 +223,9 @@ def test_score_needs_one_prediction_per_sample(module):
 FIRST_PROMPTS = {
     "mmmu": "Which colour fills <image 1>? (item 0)\nA. red\nB. green\nC. blue\nD. yellow\n\n"
             "Answer with the option's letter from the given choices directly.",
-    "mathvista": "Hint: Please answer the question and provide the correct option letter, e.g., A, B, C, D, at the "
-                 "end.\nQuestion: What colour is the image?\nChoices:\n(A) red\n(B) green\n(C) blue\n(D) yellow",
+    # lmms-eval's mathvista_testmini_cot prompt (create_one_query, shot_type "step-by-step")
+    "mathvista": "Question: What colour is the image?\nChoices:\n(A) red\n(B) green\n(C) blue\n(D) yellow\n"
+                 "Hint: Please answer the question and provide the correct option letter, e.g., A, B, C, D, at the end.",
     "scienceqa": "Context: The picture is 56 pixels wide.\nWhich colour is shown?\nA. red\nB. green\n"
                  "Answer with the option's letter from the given choices directly.",
     "mmstar": "Which colour fills the image?\nOptions: A: red, B: green, C: blue, D: yellow\n"
@@ -295,7 +299,7 @@ MALFORMED = {
     # a good row, the change that breaks the second row, the error that must name it
     "mmmu": ({"id": "validation_Art_1", "question": "Q?", "options": "['x', 'y']", "answer": "A",
               "question_type": "multiple-choice"}, {"options": "['x', 'y'"}, "row 1: options .* not a Python list"),
-    "mathvista": ({"pid": "1", "query": "Q?", "question_type": "free_form", "answer_type": "integer",
+    "mathvista": ({"pid": "1", "query": "Q?", "question": "Q?", "question_type": "free_form", "answer_type": "integer",
                    "choices": None, "precision": None, "answer": "1", "decoded_image": IMAGE},
                   {"query": None}, "row 1: column 'query' is empty"),
     "scienceqa": ({"question": "Q?", "choices": ["x", "y"], "answer": 0, "hint": "", "image": IMAGE},

@@ -36,6 +36,10 @@ def test_eval_writes_the_papers_table_for_all_benchmarks(embedded, fixtures, tmp
     assert results["label"] == "tiny"
     assert results["settings"]["min_pixels"] == 1024 and results["settings"]["max_pixels"] == 4096
     assert results["settings"]["reasoning_tags"] == [["<think>", "</think>"], ["<analysis>", "</analysis>"]]
+    assert results["settings"]["prompt_style"] == "default" and results["settings"]["mathvista_prompt"] == "cot"
+    assert results["settings"]["max_new_tokens"] == {name: 4 for name in PAPER}
+    assert set(results["lmms_eval"]) == set(PAPER)  # lmms-eval's own headline metrics of each
+    assert results["lmms_eval"]["mmmu"]["mmmu_acc"] == round(results["row"]["mmmu"] / 100, 5)
     row = results["row"]
     assert list(row) == list(PAPER) + ["R-Avg", "P-Avg", "All-Avg"]
     assert all(0.0 <= row[k] <= 100.0 for k in row), row
@@ -143,3 +147,26 @@ def test_a_prompt_longer_than_max_length_is_refused_and_scored_wrong_never_trunc
     assert capsys.readouterr().out.count("scored as wrong") == 2
     full = Evaluator(model, tok, cfg=EvalConfig(max_length=4096), progress=False)
     assert len(full._prepare(samples, [None] * len(samples))) == 2
+
+
+def test_prompt_style_qwen3_vl_gives_lmms_evals_qwen3_vl_prompts(embedded, fixtures, tmp_path):
+    import eval as eval_cli
+
+    out = tmp_path / "qwen"
+    assert eval_cli.main(["--model", embedded[0], "--data", fixtures, "--out", str(out), "--bench", "mmstar,mmmu",
+                          "--dtype", "float32", "--max-new-tokens", "2", "--no-progress", "--prompt-style", "qwen3_vl",
+                          "--min-pixels", "1024", "--max-pixels", "4096"]) == 0
+    assert json.load(open(out / "results.json"))["settings"]["prompt_style"] == "qwen3_vl"
+    mmstar = json.loads(open(out / "mmstar" / "predictions.jsonl").readline())
+    assert mmstar["prompt"].startswith("Question: ") and mmstar["prompt"].endswith("Answer with the option letter only.")
+    mmmu = [json.loads(line) for line in open(out / "mmmu" / "predictions.jsonl")]
+    assert all("\nOptions:\n" in r["prompt"] and r["prompt"].startswith("Question: ") for r in mmmu)
+
+
+def test_gpt_extractor_needs_a_key(embedded, fixtures, tmp_path, monkeypatch, capsys):
+    import eval as eval_cli
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    assert eval_cli.main(["--model", embedded[0], "--data", fixtures, "--out", str(tmp_path), "--bench", "mathvista",
+                          "--mathvista-extractor", "gpt", "--no-progress"]) == 1
+    assert "OPENAI_API_KEY" in capsys.readouterr().err

@@ -39,6 +39,29 @@ class EvalConfig:
     max_pixels: int | None = None
     # Blocks cut from generated answers before scoring (lmms-eval 0.7.3's default); None: none.
     reasoning_tags: tuple[tuple[str, str], ...] | None = DEFAULT_REASONING_TAGS
+    # "default": each task's default lmms-eval prompts; "qwen3_vl": the prompts lmms-eval gives its
+    # qwen3_vl model where a task has its own (MMMU, MMStar; the others have none).
+    prompt_style: str = "default"
+    mathvista_prompt: str = "cot"  # benchmarks/mathvista.py VARIANTS
+    mathvista_extractor: object = None  # prompt -> answer (judge.OpenAIExtractor); None: offline rules
+
+    def __post_init__(self):
+        if self.prompt_style not in PROMPT_STYLES:
+            raise ValueError(f"prompt style {self.prompt_style!r}: choose from {list(PROMPT_STYLES)}")
+
+
+PROMPT_STYLES = ("default", "qwen3_vl")
+
+
+def load_kwargs(bench, cfg: EvalConfig) -> dict:
+    """What `bench.load` takes besides the source: the prompt style where the benchmark has
+    several (PROMPT_STYLES), MathVista's prompt variant (VARIANTS)."""
+    kwargs = {}
+    if cfg.prompt_style in getattr(bench, "PROMPT_STYLES", ()):
+        kwargs["prompt_style"] = cfg.prompt_style
+    if hasattr(bench, "VARIANTS"):
+        kwargs["variant"] = cfg.mathvista_prompt
+    return kwargs
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "fwd", "lora", "iada"))
@@ -146,7 +169,7 @@ class Evaluator:
     # ------------------------------------------------------------------ one benchmark
     def run(self, bench, source: str, out_dir: str) -> dict:
         """Load, answer, score one benchmark; writes <out>/<name>/predictions.jsonl and scores.json."""
-        samples = bench.load(source, self.cfg.limit)
+        samples = bench.load(source, self.cfg.limit, **load_kwargs(bench, self.cfg))
         folder = os.path.join(out_dir, bench.NAME)
         os.makedirs(folder, exist_ok=True)
         logprobs = None
@@ -164,7 +187,10 @@ class Evaluator:
         raw = predictions
         if self.cfg.reasoning_tags is not None:  # as lmms-eval, before the task's own extraction
             predictions = [strip_reasoning_tags(p, self.cfg.reasoning_tags) for p in predictions]
-        scores = bench.score(samples, predictions)
+        extractor = self.cfg.mathvista_extractor if bench.NAME == "mathvista" else None
+        scores = bench.score(samples, predictions, **({"extractor": extractor} if extractor else {}))
+        if extractor is not None and hasattr(extractor, "describe"):
+            scores["extraction"] = extractor.describe()
         with open(os.path.join(folder, "predictions.jsonl"), "w") as f:
             for i, (s, p) in enumerate(zip(samples, predictions)):
                 record = {"id": s.id, "prompt": s.prompt, "prediction": p, "target": _jsonable(s.target)}

@@ -52,10 +52,13 @@ def markdown(rows: dict[str, dict], deltas_from: str | None = None) -> str:
 
 def write_results(out_dir: str, label: str, scores: dict[str, float], details: dict,
                   settings: dict | None = None) -> dict:
-    """results.json (the row, per-benchmark details, the evaluation's settings) and results.md."""
+    """results.json (the row, lmms-eval's headline metrics of each benchmark as its aggregations
+    return them, per-benchmark details, the evaluation's settings) and results.md."""
     row = summarize(scores)
+    lmms = {name: d["lmms_eval"] for name, d in details.items() if isinstance(d, dict) and "lmms_eval" in d}
     with open(os.path.join(out_dir, RESULTS_FILE), "w") as f:
-        json.dump({"label": label, "row": row, "details": details, "settings": settings or {}}, f, indent=1)
+        json.dump({"label": label, "row": row, "lmms_eval": lmms, "details": details, "settings": settings or {}},
+                  f, indent=1)
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(markdown({label: row}))
     return row

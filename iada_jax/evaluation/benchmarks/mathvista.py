@@ -1,16 +1,24 @@
 """MathVista (testmini, 1000 problems): mathematical reasoning over charts, plots, figures.
 
-Mirrors lmms-eval `tasks/mathvista/` (`mathvista_evals.py` `MathVistaEvaluator`):
-- prompt: the data set's `query` column (question, choices and the answer-format hint);
+Mirrors lmms-eval 0.7.3 `tasks/mathvista/` (`utils.py`, `mathvista_evals.py` `MathVistaEvaluator`):
+- prompt (`mathvista_doc_to_text` -> `create_one_query`, zero-shot), one of VARIANTS: "cot"
+  (task `mathvista_testmini_cot`, shot_type "step-by-step", the default), "format"
+  (`mathvista_testmini_format`, "format-prompt"), "solution" (`mathvista_testmini_solution`),
+  or "query" (the data set's own `query` column, MathVista's official prompt; not lmms-eval's);
 - extraction (`extract_answer`): the response as-is when it equals a choice, or parses as an
-  int / float for those answer types. lmms-eval then asks a GPT extractor (DEMO_PROMPT),
-  which returns "" without an API key; here a local rule-based extractor stands in
-  (`offline_extract`: an option letter in any case, alone, as a label, after "the answer is"
-  or ending the response; a choice's text named in the response; the text after "the answer
-  is"; the last number, or number word);
+  int / float for those answer types; else lmms-eval asks a GPT extractor with DEMO_PROMPT.
+  `extractor="gpt"` does the same through an OpenAI-compatible endpoint (judge.py); the
+  offline default is a rule-based extractor (`offline_extract`: an option letter in any case,
+  alone, as a label, after "the answer is" or ending the response; a choice's text named in
+  the response; the text after "the answer is"; the last number, or number word);
 - normalisation (`normalize_extracted_answer`): multiple choice letter -> choice text, else
-  the Levenshtein-nearest choice; integer `int(float(x))`; float `round(x, precision)`;
-- correct when `str(prediction).strip() == str(answer).strip()` (`safe_equal`); accuracy in %.
+  the Levenshtein-nearest choice; integer `int(float(x))`; float `round(x, int(precision))`.
+  lmms-eval 0.7.3 passes the data set's float `precision` (1.0) to `round`, which raises, so
+  it scores every float question wrong; we keep MathVista's own integer cast (a documented
+  difference, the only one);
+- correct when `str(prediction).strip() == str(answer).strip()` (`safe_equal`); accuracy in %,
+  with lmms-eval's breakdowns by question and answer type, language, source, category, task,
+  context, grade and skill, and its headline (`llm_as_judge_eval`, rounded to 2 places).
 """
 
 from __future__ import annotations
@@ -26,28 +34,76 @@ TITLE = "MathVista"
 GROUP = "reasoning"
 DATASET = "AI4Math/MathVista"
 SPLIT = "testmini"
-MAX_NEW_TOKENS = 1024  # mathvista_testmini.yaml generation_kwargs
+MAX_NEW_TOKENS = 16384  # mathvista_testmini_{cot,format,solution}.yaml generation_kwargs
+# Prompt variants: lmms-eval task -> its shot_type (create_one_query); "query": the data set's column.
+VARIANTS = {"cot": "step-by-step", "format": "format-prompt", "solution": "solution", "query": None}
 
 MULTI_CHOICE = "multi_choice"
 
 
 # ----------------------------------------------------------------------------- loading
-def _sample(row: dict, where: str) -> Sample:
+_FORMAT_HINTS = {"integer": "Answer the question using a single integer number.",
+                 "float1": "Answer the question using a single floating-point number with one decimal place.",
+                 "float2": "Answer the question using a single floating-point number with two decimal places.",
+                 "list": "Answer the question using a Python list.",
+                 "text": "Answer with the option's letter from the given choices directly."}
+_HINT = "Hint: Please answer the question "
+_STEP_HINTS = {"integer": _HINT + "requiring an integer answer and provide the final value, e.g., 1, 2, 3, at the end.",
+               "float1": _HINT + "requiring a floating-point number with one decimal place and provide the final "
+                                 "value, e.g., 1.2, 1.3, 1.4, at the end.",
+               "float2": _HINT + "requiring a floating-point number with two decimal places and provide the final "
+                                 "value, e.g., 1.23, 1.34, 1.45, at the end.",
+               "list": _HINT + "requiring a Python list as an answer and provide the final list, e.g., [1, 2, 3], "
+                               "[1.2, 1.3, 1.4], at the end.",
+               "text": _HINT + "and provide the correct option letter, e.g., A, B, C, D, at the end."}
+
+
+def create_one_query(row: dict, shot_type: str) -> str:
+    """lmms-eval `MathVistaEvaluator.create_one_query`, zero-shot, no caption or OCR (the
+    settings of its testmini tasks) for shot types step-by-step, format-prompt and solution."""
+    answer_type, precision = row["answer_type"], row.get("precision")
+    kind = answer_type if answer_type != "float" else f"float{int(precision) if precision in (1, 2) else ''}"
+    hints = _FORMAT_HINTS if shot_type == "format-prompt" else _STEP_HINTS
+    hint = hints.get(kind, "")  # lmms-eval leaves the hint unset (and fails) for other float precisions
+    question = row["question"] if shot_type == "format-prompt" else f"Question: {row['question']}"
+    if row.get("unit"):
+        question += f" (Unit: {row['unit']})"
+    choices = row.get("choices") or []
+    if not choices:
+        choices_text = ""
+    elif shot_type == "format-prompt":
+        choices_text = "\n".join(f"{chr(ord('A') + i)}. {c}" for i, c in enumerate(choices))
+    else:
+        choices_text = "\n".join(["Choices:"] + [f"({chr(ord('A') + i)}) {c}" for i, c in enumerate(choices)])
+    tail = "Solution: " if shot_type == "solution" else ""
+    return "\n".join(e for e in (question, choices_text, hint, tail) if e != "").strip()
+
+
+def _sample(row: dict, where: str, variant: str) -> Sample:
     question_type = mcq.field(row, "question_type", where, DATASET)
     answer_type = mcq.field(row, "answer_type", where, DATASET)
     choices = mcq.field(row, "choices", where, DATASET, required=question_type == MULTI_CHOICE)
     precision = mcq.field(row, "precision", where, DATASET, required=answer_type == "float")
     image = to_image(mcq.field(row, "decoded_image", where, DATASET), f"{where} decoded_image")
+    query = mcq.field(row, "query", where, DATASET)
+    if VARIANTS[variant] is None:
+        prompt = query
+    else:
+        mcq.field(row, "question", where, DATASET)
+        prompt = create_one_query(row, VARIANTS[variant])
     return Sample(
-        id=str(mcq.field(row, "pid", where, DATASET)), prompt=mcq.field(row, "query", where, DATASET), images=[image],
+        id=str(mcq.field(row, "pid", where, DATASET)), prompt=prompt, images=[image],
         target=str(mcq.field(row, "answer", where, DATASET)),
         options=mcq.letters_for(choices, where) if question_type == MULTI_CHOICE else None,
-        meta={"question_type": question_type, "answer_type": answer_type,
-              "choices": list(choices) if choices is not None else [], "precision": precision})
+        meta={"question_type": question_type, "answer_type": answer_type, "query": query,
+              "choices": list(choices) if choices is not None else [], "precision": precision,
+              "metadata": row.get("metadata") or {}})
 
 
-def load(source: str, limit: int | None = None) -> list[Sample]:
-    return [_sample(row, where) for where, row in read_rows(source, SPLIT, limit)]
+def load(source: str, limit: int | None = None, variant: str = "cot") -> list[Sample]:
+    if variant not in VARIANTS:
+        raise ValueError(f"MathVista prompt {variant!r}: choose from {list(VARIANTS)}")
+    return [_sample(row, where, variant) for where, row in read_rows(source, SPLIT, limit)]
 
 
 # ----------------------------------------------------------------------------- extraction
@@ -140,12 +196,62 @@ def offline_extract(response: str, meta: dict) -> str:
     return tail
 
 
-def extract_answer(response: str, meta: dict) -> str:
-    """lmms-eval `extract_answer` with `offline_extract` in place of the GPT call."""
+# lmms-eval 0.7.3 mathvista_evals.py DEMO_PROMPT, verbatim: the GPT extractor's few-shot prompt.
+DEMO_PROMPT = """
+Please read the following example. Then extract the answer from the model response and type it at the end of the prompt.
+
+Hint: Please answer the question requiring an integer answer and provide the final value, e.g., 1, 2, 3, at the end.
+Question: Which number is missing?
+
+Model response: The number missing in the sequence is 14.
+
+Extracted answer: 14
+
+Hint: Please answer the question requiring a floating-point number with one decimal place and provide the final value, e.g., 1.2, 1.3, 1.4, at the end.
+Question: What is the fraction of females facing the camera?
+
+Model response: The fraction of females facing the camera is 0.6, which means that six out of ten females in the group are facing the camera.
+
+Extracted answer: 0.6
+
+Hint: Please answer the question requiring a floating-point number with two decimal places and provide the final value, e.g., 1.23, 1.34, 1.45, at the end.
+Question: How much money does Luca need to buy a sour apple candy and a butterscotch candy? (Unit: $)
+
+Model response: Luca needs $1.45 to buy a sour apple candy and a butterscotch candy.
+
+Extracted answer: 1.45
+
+Hint: Please answer the question requiring a Python list as an answer and provide the final list, e.g., [1, 2, 3], [1.2, 1.3, 1.4], at the end.
+Question: Between which two years does the line  graph saw its maximum peak?
+
+Model response: The line graph saw its maximum peak between 2007 and 2008.
+
+Extracted answer: [2007, 2008]
+
+Hint: Please answer the question and provide the correct option letter, e.g., A, B, C, D, at the end.
+Question: What fraction of the shape is blue?\nChoices:\n(A) 3/11\n(B) 8/11\n(C) 6/11\n(D) 3/5
+
+Model response: The correct answer is (B) 8/11.
+
+Extracted answer: B
+"""
+
+
+def gpt_prompt(query: str, response: str) -> str:
+    """lmms-eval `create_test_prompt(DEMO_PROMPT, query, response)`: what the extractor is asked
+    (the data set's `query` column, whichever prompt variant the model saw)."""
+    return f"{DEMO_PROMPT.strip()}\n\n{query}\n\n{response}\n\nExtracted answer: "
+
+
+def extract_answer(response: str, meta: dict, extractor=None) -> str:
+    """lmms-eval `extract_answer`: the quick checks, then `extractor(prompt) -> str` (the GPT
+    call, judge.py) when given, else `offline_extract`."""
     if not response:
         return ""
     quick = quick_extract(response, meta)
-    return quick if quick is not None else offline_extract(response, meta)
+    if quick is not None:
+        return quick
+    return extractor(gpt_prompt(meta["query"], response)) if extractor is not None else offline_extract(response, meta)
 
 
 # ----------------------------------------------------------------------------- normalisation
@@ -186,18 +292,36 @@ def normalize_extracted_answer(extraction: str, meta: dict) -> str | None:
 
 
 # ----------------------------------------------------------------------------- scoring
-def score(samples: list[Sample], predictions: list[str]) -> dict:
-    """Accuracy (%), overall and per question type / answer type."""
+BREAKDOWN_KEYS = ("question_type", "answer_type", "language", "source", "category", "task", "context", "grade",
+                  "skills")
+
+
+def score(samples: list[Sample], predictions: list[str], extractor=None) -> dict:
+    """Accuracy (%), overall and broken down as lmms-eval's `mathvista_aggregate_results`
+    ({key: {value: {"accuracy", "correct", "total"}}}, accuracies rounded to 2 places).
+    extractor: the GPT extractor (`extract_answer`); None: the offline rules."""
     check_predictions(NAME, samples, predictions)
-    groups: dict[str, list[int]] = {}
+    right = []
     for sample, prediction in zip(samples, predictions):
-        normalised = normalize_extracted_answer(extract_answer(prediction.strip(), sample.meta), sample.meta)
-        correct = int(str(normalised).strip() == str(sample.target).strip())
-        for key in ("all", sample.meta["question_type"], sample.meta["answer_type"]):
-            groups.setdefault(key, []).append(correct)
-    hits = sum(groups.get("all", []))
+        extraction = extract_answer(prediction.strip(), sample.meta, extractor)
+        normalised = normalize_extracted_answer(extraction, sample.meta)
+        right.append(int(str(normalised).strip() == str(sample.target).strip()))
+    hits = sum(right)
+    breakdown: dict[str, dict[str, list[int]]] = {k: {} for k in BREAKDOWN_KEYS}
+    for sample, correct in zip(samples, right):
+        fields = {**(sample.meta.get("metadata") or {}), "question_type": sample.meta["question_type"],
+                  "answer_type": sample.meta["answer_type"]}
+        for key in BREAKDOWN_KEYS:
+            values = fields.get(key)
+            for value in (values if key == "skills" else [values]) if values is not None else ():
+                breakdown[key].setdefault(str(value), []).append(correct)
     out = {"score": percent(hits, len(samples)), "correct": hits, "total": len(samples)}
-    out.update({key: percent(sum(v), len(v)) for key, v in groups.items() if key != "all"})
+    for key, groups in breakdown.items():
+        rows = {v: {"accuracy": round(percent(sum(c), len(c)), 2), "correct": sum(c), "total": len(c)}
+                for v, c in groups.items()}
+        out[key] = dict(sorted(rows.items(), key=lambda kv: kv[1]["accuracy"], reverse=True))
+    headline = round(hits / len(samples) * 100, 2) if samples else 0.0
+    out["lmms_eval"] = {"llm_as_judge_eval": headline or None}  # lmms-eval returns None for 0
     return out
 
 

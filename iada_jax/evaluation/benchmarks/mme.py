@@ -122,6 +122,8 @@ def score(samples: list[Sample], predictions: list[str]) -> dict:
     present_max = CATEGORY_MAX * len(per_category)  # FULL_MAX (2800) on the full set
     return {
         "score": (perception + cognition) / present_max * 100.0,
+        # lmms-eval's two headlines (`mme_aggregate_results`): the sums of the category scores.
+        "lmms_eval": {"mme_perception_score": perception, "mme_cognition_score": cognition},
         "perception": perception,
         "cognition": cognition,
         "categories": len(per_category),

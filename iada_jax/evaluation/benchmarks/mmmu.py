@@ -2,11 +2,15 @@
 
 Mirrors lmms-eval `tasks/mmmu/utils.py` (task `mmmu_val`), whose scoring helpers come from
 the official MMMU `eval/eval_utils.py`:
-- prompt: `construct_prompt` with the default prompts; `<image k>` references stay in the
-  text and the referenced `image_k` columns, sorted, are the sample's images;
+- prompt (PROMPT_STYLES): "default", `construct_prompt` with the task's default prompts, or
+  "qwen3_vl", `mmmu_doc_to_text_qwen3vl` with the task's `qwen3_vl` kwargs (what lmms-eval's
+  qwen3_vl model gets); `<image k>` references stay in the text and the referenced `image_k`
+  columns, sorted, are the sample's images (before the text);
 - multiple choice: `parse_mmmu_multi_choice_response` (mcq.py), exact letter match;
 - open: `parse_open_response` (key-phrase splitting + number extraction) and `eval_open`;
-- metric: instance-level accuracy over all subjects (`mmmu_acc`), in %.
+- metric: instance-level accuracy over all subjects (`mmmu_acc`), in %, with lmms-eval's
+  breakdown by subject and domain (`mmmu_aggregate_results`) and its headline (a fraction
+  rounded to 5 places).
 """
 
 from __future__ import annotations
@@ -23,10 +27,26 @@ TITLE = "MMMU"
 GROUP = "reasoning"
 DATASET = "lmms-lab/MMMU"
 SPLIT = "validation"
-MAX_NEW_TOKENS = 16  # mmmu_val.yaml generation_kwargs
+MAX_NEW_TOKENS = 128  # _default_template_yaml generation_kwargs (mmmu_val includes it)
 
 MULTI_CHOICE_PROMPT = "Answer with the option's letter from the given choices directly."
 OPEN_ENDED_PROMPT = "Answer the question using a single word or phrase."
+PROMPT_STYLES = ("default", "qwen3_vl")
+# mmmu_val.yaml lmms_eval_specific_kwargs qwen3_vl (format "qwen3_vl")
+QWEN3_VL_PRE_PROMPT = "Question: "
+QWEN3_VL_POST_PROMPT = "Answer with the option letter only."
+QWEN3_VL_OPEN_ENDED_PROMPT = "Please select the correct answer from the options above."
+# lmms-eval mmmu/utils.py DOMAIN_CAT2SUB_CAT: subjects (the middle of the id) by domain.
+DOMAINS = {
+    "Art and Design": ("Art", "Art_Theory", "Design", "Music"),
+    "Business": ("Accounting", "Economics", "Finance", "Manage", "Marketing"),
+    "Science": ("Biology", "Chemistry", "Geography", "Math", "Physics"),
+    "Health and Medicine": ("Basic_Medical_Science", "Clinical_Medicine", "Diagnostics_and_Laboratory_Medicine",
+                            "Pharmacy", "Public_Health"),
+    "Humanities and Social Science": ("History", "Literature", "Sociology", "Psychology"),
+    "Tech and Engineering": ("Agriculture", "Architecture_and_Engineering", "Computer_Science", "Electronics",
+                             "Energy_and_Power", "Materials", "Mechanical_Engineering"),
+}
 MULTIPLE_CHOICE = "multiple-choice"
 
 
@@ -42,8 +62,15 @@ def parse_options(text: str, where: str) -> list[str]:
     return options
 
 
-def build_prompt(question: str, options: list[str] | None) -> str:
-    """lmms-eval `construct_prompt` with `MULTI_CHOICE_PROMPT` / `OPEN_ENDED_PROMPT`."""
+def build_prompt(question: str, options: list[str] | None, style: str = "default", listed: list[str] = ()) -> str:
+    """lmms-eval `construct_prompt` with `MULTI_CHOICE_PROMPT` / `OPEN_ENDED_PROMPT`, or for
+    style "qwen3_vl" `mmmu_doc_to_text_qwen3vl`. `options` is None for open questions, whose
+    row's `options` cell (usually "[]") the qwen3_vl prompt lists all the same (`listed`)."""
+    if style == "qwen3_vl":
+        shown_options = options if options is not None else list(listed)
+        shown = mcq.format_options(shown_options) if shown_options else ""
+        post = QWEN3_VL_POST_PROMPT if options is not None else QWEN3_VL_OPEN_ENDED_PROMPT
+        return f"{QWEN3_VL_PRE_PROMPT}{question}\nOptions:\n{shown}\n{post}"
     if options is not None:
         return f"{question}\n{mcq.format_options(options)}\n\n{MULTI_CHOICE_PROMPT}"
     return f"{question}\n\n{OPEN_ENDED_PROMPT}"
@@ -55,22 +82,30 @@ def _images(row: dict, prompt: str, where: str) -> list:
     return [to_image(mcq.field(row, c, where, DATASET), f"{where} {c}") for c in columns]
 
 
-def _sample(row: dict, where: str) -> Sample:
+def subject(sample_id: str) -> str:
+    """lmms-eval `extract_subset_name`: "validation_Art_Theory_12" -> "Art_Theory"."""
+    match = re.match(rf"^{re.escape(sample_id.split('_')[0])}_(.+?)_\d+$", sample_id)
+    return match.group(1) if match else ""
+
+
+def _sample(row: dict, where: str, style: str) -> Sample:
     question = mcq.field(row, "question", where, DATASET)
     kind = mcq.field(row, "question_type", where, DATASET)
     answer = str(mcq.field(row, "answer", where, DATASET)).strip()
     options = parse_options(mcq.field(row, "options", where, DATASET), where) if kind == MULTIPLE_CHOICE else None
     letters = mcq.letters_for(options, where) if options is not None else None
-    prompt = build_prompt(question, options)
+    listed = parse_options(mcq.field(row, "options", where, DATASET), where) if style == "qwen3_vl" else ()
+    prompt = build_prompt(question, options, style, listed)
     if letters is not None and answer not in letters:
         raise ValueError(f"{where}: answer {answer!r} is not one of the option letters {letters}")
     return Sample(id=str(mcq.field(row, "id", where, DATASET)), prompt=prompt, images=_images(row, prompt, where),
                   target=answer, options=letters,
-                  meta={"question_type": kind, "index2ans": dict(zip(letters, options)) if letters else None})
+                  meta={"question_type": kind, "index2ans": dict(zip(letters, options)) if letters else None,
+                        "subject": subject(str(mcq.field(row, "id", where, DATASET)))})
 
 
-def load(source: str, limit: int | None = None) -> list[Sample]:
-    return [_sample(row, where) for where, row in read_rows(source, SPLIT, limit)]
+def load(source: str, limit: int | None = None, prompt_style: str = "default") -> list[Sample]:
+    return [_sample(row, where, prompt_style) for where, row in read_rows(source, SPLIT, limit)]
 
 
 # ----------------------------------------------------------------------------- open questions
@@ -146,6 +181,7 @@ def score(samples: list[Sample], predictions: list[str], seed: int = 0) -> dict:
     check_predictions(NAME, samples, predictions)
     hits = {MULTIPLE_CHOICE: 0, "open": 0}
     counts = {MULTIPLE_CHOICE: 0, "open": 0}
+    by_subject: dict[str, list[int]] = {}
     for sample, prediction in zip(samples, predictions):
         kind = MULTIPLE_CHOICE if sample.options else "open"
         if sample.options:
@@ -156,10 +192,20 @@ def score(samples: list[Sample], predictions: list[str], seed: int = 0) -> dict:
             correct = eval_open(sample.target, parse_open_response(prediction))
         hits[kind] += int(correct)
         counts[kind] += 1
+        by_subject.setdefault(sample.meta.get("subject") or subject(sample.id), []).append(int(correct))
     total = sum(hits.values())
+    # lmms-eval `mmmu_aggregate_results`: per subject and per domain, fractions rounded to 5 places.
+    breakdown = {}
+    for domain, subjects in DOMAINS.items():
+        present = [by_subject[s] for s in subjects if s in by_subject]
+        n = sum(len(v) for v in present)
+        breakdown["Overall-" + domain] = {"num": n, "acc": round(sum(map(sum, present)) / n, 5) if n else 0}
+        breakdown.update({s: {"num": len(by_subject[s]), "acc": round(sum(by_subject[s]) / len(by_subject[s]), 5)}
+                          for s in subjects if s in by_subject})
     return {"score": percent(total, len(samples)), "correct": total, "total": len(samples),
             "multiple_choice": percent(hits[MULTIPLE_CHOICE], counts[MULTIPLE_CHOICE]),
-            "open": percent(hits["open"], counts["open"])}
+            "open": percent(hits["open"], counts["open"]), "breakdown": breakdown,
+            "lmms_eval": {"mmmu_acc": round(total / len(samples), 5) if samples else 0}}
 
 
 # ----------------------------------------------------------------------------- fixture

@@ -112,6 +112,7 @@ def score(samples: list[Sample], predictions: list[str]) -> dict:
         "samples": len(samples),
         "text_recognition": sum(c["hits"] for t, c in per_type.items() if t in RECOGNITION),
         "per_question_type": dict(sorted(per_type.items())),
+        "lmms_eval": {"ocrbench_accuracy": hits / 1000},
     }
 
 

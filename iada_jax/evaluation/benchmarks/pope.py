@@ -68,7 +68,12 @@ def _ratio(num: int, den: int) -> float:
 
 
 def metrics(preds: list[str], golds: list[str]) -> dict[str, float]:
-    """lmms-eval `pope_aggregate_{accuracy,precision,recall,f1_score,yes_ratio}`, in %.
+    """lmms-eval `pope_aggregate_{accuracy,precision,recall,f1_score,yes_ratio}`, in %."""
+    return {k.removeprefix("pope_").replace("f1_score", "f1"): 100.0 * v for k, v in fractions(preds, golds).items()}
+
+
+def fractions(preds: list[str], golds: list[str]) -> dict[str, float]:
+    """lmms-eval's five POPE metrics, as its aggregations return them (fractions).
 
     `preds` are already `.lower().strip()`-ed. As in lmms-eval, a false negative is a gold "yes"
     predicted exactly "no": a gold "yes" answered "yes." is wrong for accuracy but counts in
@@ -81,11 +86,11 @@ def metrics(preds: list[str], golds: list[str]) -> dict[str, float]:
     f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
     yes = sum(g == "yes" for g in golds)
     return {
-        "accuracy": 100.0 * sum(p == g for p, g in pairs) / len(pairs),
-        "precision": 100.0 * precision,
-        "recall": 100.0 * recall,
-        "f1": 100.0 * f1,
-        "yes_ratio": 100.0 * _ratio(yes, yes + sum(g == "no" for g in golds)),
+        "pope_accuracy": sum(float(p == g) for p, g in pairs) / len(pairs),
+        "pope_precision": precision,
+        "pope_recall": recall,
+        "pope_f1_score": f1,
+        "pope_yes_ratio": _ratio(yes, yes + sum(g == "no" for g in golds)),
     }
 
 
@@ -98,7 +103,7 @@ def score(samples: list[Sample], predictions: list[str]) -> dict:
         groups[s.meta["category"]].append(i)
     overall = metrics(preds, golds)
     per_category = {c: metrics([preds[i] for i in idx], [golds[i] for i in idx]) for c, idx in sorted(groups.items())}
-    return {"score": overall[HEADLINE], **overall, "per_category": per_category}
+    return {"score": overall[HEADLINE], **overall, "per_category": per_category, "lmms_eval": fractions(preds, golds)}
 
 
 def write_fixture(folder: str, num: int = 8, seed: int = 0) -> str:

@@ -148,7 +148,7 @@ def score(samples: list[Sample], predictions: list[str]) -> dict:
     check_predictions(TITLE, samples, predictions, allow_empty=False)
     accs = [vqa_accuracy(p, s.target) for s, p in zip(samples, predictions)]
     accuracy = percent(sum(accs), len(accs))
-    return {"score": accuracy, "exact_match": accuracy}
+    return {"score": accuracy, "exact_match": accuracy, "lmms_eval": {"exact_match": sum(accs) / len(accs)}}
 
 
 def write_fixture(folder: str, num: int = 8, seed: int = 0) -> str:
