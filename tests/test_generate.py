@@ -153,3 +153,35 @@ def test_right_padded_prompts_are_refused(tiny):
     model, _ = tiny
     with pytest.raises(ValueError, match="left-padded"):
         generate(model, np.array([[3, 4, 0]]), np.array([[1, 1, 0]]))
+
+
+def test_cache_schedule_doubles_up_to_the_budget():
+    from iada_jax.evaluation.generate import cache_schedule
+
+    assert cache_schedule(16) == [16] and cache_schedule(1024) == [1024]
+    assert cache_schedule(16384) == [1024, 2048, 4096, 8192, 16384]
+    assert cache_schedule(3000) == [1024, 2048, 3000] and cache_schedule(7, segment=2) == [2, 4, 7]
+
+
+def test_a_growing_cache_decodes_as_one_sized_for_the_whole_budget(tiny, monkeypatch):
+    """Segments of 2 new tokens (the cache grown 2 -> 4 -> 8 -> 11) give the tokens and logits
+    of one cache of 11; when every row has stopped the cache is not grown again."""
+    from iada_jax.evaluation import generate as gen_module
+
+    model, _ = tiny
+    ids, mask, pv, grid = prompts(True)
+    cfg = GenerationConfig(max_new_tokens=11, suppress_token_ids=SUPPRESS)
+    whole_tokens, whole_logits = generate(model, ids, mask, pv, grid, config=cfg, return_logits=True)
+    grown = []
+    grow = gen_module._grow
+    monkeypatch.setattr(gen_module, "SEGMENT", 2)
+    monkeypatch.setattr(gen_module, "_grow", lambda cache, length: grown.append(length) or grow(cache, length=length))
+    tokens, logits = generate(model, ids, mask, pv, grid, config=cfg, return_logits=True)
+    np.testing.assert_array_equal(tokens, whole_tokens)
+    assert np.abs(logits - whole_logits).max() < 1e-5
+    assert grown == [ids.shape[1] + n for n in (4, 8, 11)]
+    grown.clear()
+    stop = (int(whole_tokens[0, 1]), int(whole_tokens[1, 1]))  # both rows stop at their second token
+    out = generate(model, ids, mask, pv, grid, config=GenerationConfig(
+        max_new_tokens=11, suppress_token_ids=SUPPRESS, stop_token_ids=stop, pad_token_id=-1))
+    assert (out[:, 2:] == -1).all() and grown == []

@@ -1,8 +1,10 @@
 """Batched generation with a KV cache, and log-likelihood scoring of answer options.
 
-`generate` runs one jitted program per (batch, prompt length, max_new_tokens): a prefill over
-the left-padded prompts that fills the KV cache, then a `lax.while_loop` of one-token decode
-steps that stops when every sample has hit a stop token (the only host sync is the result).
+`generate` runs a jitted prefill over the left-padded prompts that fills the KV cache, then a
+jitted `lax.while_loop` of one-token decode steps that stops when every sample has hit a stop
+token. The cache starts with room for SEGMENT (1024) new tokens and doubles, up to
+max_new_tokens, only while an answer is still going (a host sync per segment): memory and
+per-step attention follow the answers' lengths, not the budget.
 Positions: the prompt's M-RoPE positions come from `get_rope_index` on the host; generated
 tokens are text, so token i of sample b sits at max(prompt positions of b) + 1 + i in all
 three components (HF's `rope_deltas`), known before decoding starts.
@@ -78,24 +80,55 @@ def _is_stop(tokens: Array, cfg: GenerationConfig) -> Array:
     return jnp.isin(tokens, jnp.asarray(cfg.stop_token_ids, tokens.dtype))
 
 
-@functools.partial(jax.jit, static_argnames=("model_cfg", "fwd", "lora", "iada", "gen", "want_logits"))
-def _generate_cached(params, adapters, batch: Batch, positions: Array, *, model_cfg, fwd, lora, iada, gen,
-                     want_logits):
+# The KV cache starts with room for this many new tokens and doubles (up to max_new_tokens)
+# only while some answer is still going: a 16384-token budget (MathVista) whose answers end after
+# a few hundred tokens neither allocates nor attends over 16384 slots per step.
+SEGMENT = 1024
+
+
+def cache_schedule(max_new_tokens: int, segment: int | None = None) -> list[int]:
+    """The new-token room of the cache in each decoding segment: segment (default SEGMENT),
+    2 x segment, ..., max_new_tokens (one segment when the budget fits)."""
+    sizes, size = [], min(segment or SEGMENT, max_new_tokens)
+    while True:
+        sizes.append(size)
+        if size >= max_new_tokens:
+            return sizes
+        size = min(2 * size, max_new_tokens)
+
+
+@functools.partial(jax.jit, static_argnames=("model_cfg", "fwd", "lora", "iada", "gen", "room"))
+def _prefill(params, adapters, batch: Batch, *, model_cfg, fwd, lora, iada, gen, room):
+    """The prompt into a fresh cache with room for `room` new tokens; the first new token."""
     b, t = batch.input_ids.shape
-    steps = gen.max_new_tokens
-    cache = init_cache(model_cfg, b, t + steps, jnp.dtype(fwd.dtype), iada, fwd.block_size)
+    cache = init_cache(model_cfg, b, t + room, jnp.dtype(fwd.dtype), iada, fwd.block_size)
     logits, cache = forward_cached(params, batch, cache, cfg=model_cfg, fwd=fwd, lora=lora, iada=iada,
                                    adapters=adapters, decode=False)
+    logits = logits[:, -1].astype(jnp.float32)
+    first = _select(logits, jax.random.fold_in(jax.random.PRNGKey(gen.seed), 0), gen)
+    return first, logits, cache
+
+
+@functools.partial(jax.jit, static_argnames=("length",))
+def _grow(cache, *, length):
+    """The cache with empty slots appended up to `length` (mask 0: never attended)."""
+    extra = length - cache.mask.shape[1]
+    pad = lambda x, axis: jnp.pad(x, [(0, extra if a == axis else 0) for a in range(x.ndim)])  # noqa: E731
+    return dataclasses.replace(cache, k=pad(cache.k, 2), v=pad(cache.v, 2), mask=pad(cache.mask, 1))
+
+
+@functools.partial(jax.jit, static_argnames=("model_cfg", "fwd", "lora", "iada", "gen", "stop"),
+                   donate_argnames=("cache", "tokens", "all_logits"))
+def _decode(params, adapters, cache, tokens, all_logits, done, last, i, positions, *, model_cfg, fwd, lora, iada,
+            gen, stop):
+    """Decode steps i, i + 1, ... < stop (or until every row stopped): step i feeds token i - 1
+    and writes token i."""
+    b = tokens.shape[0]
     key = jax.random.PRNGKey(gen.seed)
-    first = _select(logits[:, -1].astype(jnp.float32), jax.random.fold_in(key, 0), gen)
-    tokens = jnp.full((b, steps), gen.pad_token_id, jnp.int32).at[:, 0].set(first)
-    all_logits = (jnp.zeros((b, steps, logits.shape[-1]), jnp.float32).at[:, 0].set(logits[:, -1].astype(jnp.float32))
-                  if want_logits else None)
-    done = _is_stop(first, gen)
 
     def cond(state):
         i, _, _, _, done, _ = state
-        return (i < steps) & ~jnp.all(done)
+        return (i < stop) & ~jnp.all(done)
 
     def body(state):
         i, cache, tokens, all_logits, done, last = state
@@ -111,8 +144,30 @@ def _generate_cached(params, adapters, batch: Batch, positions: Array, *, model_
             all_logits = all_logits.at[:, i].set(logits)
         return i + 1, cache, tokens, all_logits, done | _is_stop(token, gen), token
 
-    state = (jnp.asarray(1, jnp.int32), cache, tokens, all_logits, done, first)
-    _, _, tokens, all_logits, _, _ = jax.lax.while_loop(cond, body, state)
+    return jax.lax.while_loop(cond, body, (i, cache, tokens, all_logits, done, last))
+
+
+def _generate_cached(params, adapters, batch: Batch, positions: Array, *, model_cfg, fwd, lora, iada, gen,
+                     want_logits):
+    """Prefill, then decode segments over a cache that grows (cache_schedule) while rows are
+    still going: one host sync per segment (whether every row stopped)."""
+    b, t = batch.input_ids.shape
+    steps = gen.max_new_tokens
+    statics = dict(model_cfg=model_cfg, fwd=fwd, lora=lora, iada=iada, gen=gen)
+    schedule = cache_schedule(steps)
+    first, first_logits, cache = _prefill(params, adapters, batch, room=schedule[0], **statics)
+    tokens = jnp.full((b, steps), gen.pad_token_id, jnp.int32).at[:, 0].set(first)
+    all_logits = (jnp.zeros((b, steps, first_logits.shape[-1]), jnp.float32).at[:, 0].set(first_logits)
+                  if want_logits else None)
+    done, last, i = _is_stop(first, gen), first, jnp.asarray(1, jnp.int32)
+    for k, room in enumerate(schedule):
+        if k > 0:
+            if bool(jnp.all(done)):
+                break
+            cache = _grow(cache, length=t + room)
+        # room for `room` new tokens: tokens up to index room - 1 are fed, so steps i < room + 1
+        i, cache, tokens, all_logits, done, last = _decode(params, adapters, cache, tokens, all_logits, done, last, i,
+                                                           positions, stop=min(steps, room + 1), **statics)
     return tokens, all_logits
 
 
