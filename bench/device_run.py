@@ -14,6 +14,10 @@ Cases, most important first (a 2B step can take a minute or more to compile):
                  checkpointing, bf16); micro-batch 8 text-only, then one 448x448 image per
                  sample, then micro-batch 16; then ours with cuDNN attention, and with the
                  remat policy that keeps the q/k/v projections (bench/train_step.py)
+  decode         (after the first text triple) generation speed, ours (jitted, KV cache) against
+                 transformers' generate on the same random 2B weights: batch 16, one image per
+                 sample, 1024-token prompts, 64 new tokens, greedy, bf16; tokens/s of each, our
+                 compile time, and whether the first 8 tokens agree (bench/decode_speed.py)
   train.py       train.py itself for about a minute on a random full-size checkpoint and
                  generated data: the loop, the loader and the host, against the bare step
 
@@ -46,10 +50,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @dataclasses.dataclass(frozen=True)
 class CaseSpec:
     name: str
-    kind: str  # env | attention | parity | step | train_py
+    kind: str  # env | attention | parity | step | decode | train_py
     needs_s: float  # do not start with less budget left than this
     limit_s: float  # stop it after this long
-    args: tuple[str, ...] = ()  # bench.train_step arguments (step cases)
+    args: tuple[str, ...] = ()  # arguments of bench.train_step (step cases) or bench.decode_speed (decode)
 
 
 def _step(name, stack, exp, batch, images, needs, limit, *extra) -> CaseSpec:
@@ -67,6 +71,8 @@ def plan(cpu: bool) -> list[CaseSpec]:
             _step("step-D-b2-img1", "jax", "D_iada_lora", 2, 1, 5, 120, *tiny),
             CaseSpec("attention", "attention", 5, 60),
             _step("step-torch-B-b2-img1", "torch", "B_lora", 2, 1, 5, 120, *tiny),
+            CaseSpec("decode", "decode", 5, 120, ("--tiny", "--dtype", "float32", "--batch", "2", "--prompt", "48",
+                                                  "--new", "8", "--repeats", "2")),
         ]
     return [
         CaseSpec("env", "env", 0, 30),
@@ -75,6 +81,7 @@ def plan(cpu: bool) -> list[CaseSpec]:
         _step("step-D-b8-text", "jax", "D_iada_lora", 8, 0, 90, 300),
         _step("step-B-b8-text", "jax", "B_lora", 8, 0, 90, 300),
         _step("step-torch-B-b8-text", "torch", "B_lora", 8, 0, 60, 240),
+        CaseSpec("decode", "decode", 60, 240, ("--batch", "16", "--prompt", "1024", "--new", "64", "--dtype", "bfloat16")),
         _step("step-D-b8-img1", "jax", "D_iada_lora", 8, 1, 90, 300),
         _step("step-B-b8-img1", "jax", "B_lora", 8, 1, 90, 300),
         _step("step-torch-B-b8-img1", "torch", "B_lora", 8, 1, 60, 240),
@@ -249,6 +256,9 @@ class Runner:
     def _step(self, spec, limit, log):
         return self._python_case(spec, limit, log, ["bench.train_step"] + list(spec.args), "step")
 
+    def _decode(self, spec, limit, log):
+        return self._python_case(spec, limit, log, ["bench.decode_speed"] + list(spec.args), "decode")
+
     def _train_py(self, spec, limit, log):
         """A random full-size checkpoint, generated data, then train.py until SIGTERM."""
         start = time.monotonic()
@@ -317,6 +327,14 @@ def summary_line(row: dict) -> str:
     if kind == "step":
         return (f"{row['stack']} {row['exp']} b{row['batch']} img{row['images']}: {row['tokens_per_s']:.0f} tokens/s, "
                 f"step {row['step_s']:.3f} s, MFU {_fmt(row.get('mfu'), '.1%')}, peak {_fmt(row.get('peak_gib'), '.1f')} GiB")
+    if kind == "decode":
+        ours, theirs = row["jax"], row["torch"]
+        return (f"{row['dtype']} b{row['batch']}, prompt {row['prompt']} ({row['image_tokens']} image tokens), "
+                f"{row['new']} new: ours {ours['tokens_per_s']:.0f} tokens/s ({ours['generate_s']:.2f} s, compile "
+                f"{ours['compile_s']:.0f} s), transformers {theirs['tokens_per_s']:.0f} tokens/s "
+                f"({theirs['generate_s']:.2f} s): {row['speedup']:.2f}x (target 3x); first {row['agree_tokens']} "
+                f"tokens equal in {row['first_tokens_equal_fraction']:.0%} of samples (mean common prefix "
+                f"{row['mean_common_prefix']:.1f})")
     if kind == "train_py":
         return f"{row['optimizer_steps']} steps, {row['padded_tokens_per_s']:.0f} padded tokens/s"
     if kind == "env":
@@ -359,6 +377,9 @@ def ratios(rows: list[dict]) -> dict[str, float]:
         if exp != "B_lora" and lora:
             out[f"{exp} step time over B_lora - 1 (IADA's share), {shape}"] = r["step_s"] / lora["step_s"] - 1
     for r in rows:
+        if r.get("kind") == "decode" and r.get("status") == "ok":
+            out[f"ours / transformers generated tokens/s, {r['dtype']} b{r['batch']} prompt {r['prompt']} "
+                f"new {r['new']}"] = r["speedup"]
         if r.get("kind") == "train_py" and r.get("status") == "ok":
             bare = steps.get(("jax", r["exp"], r["seq"], r["images"], r["batch"], "xla", "full"))
             if bare:
@@ -390,6 +411,18 @@ def markdown(rows: list[dict], budget_s: float, cpu: bool) -> str:
                          f"{r.get('attention')} | {r.get('remat', 'full')} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {vs} | "
                          f"{r['model_tflops']:.1f} | {_fmt(r.get('mfu'), '.1%')} | {_fmt(r.get('peak_gib'), '.1f')} | "
                          f"{_fmt(r.get('compiled_total_gib'), '.1f')} | {_fmt(r.get('compile_s'), '.0f')} |")
+        lines.append("")
+    decodes = [r for r in rows if r.get("kind") == "decode" and r.get("status") == "ok"]
+    if decodes:
+        lines += ["| device | generation | dtype | batch | prompt | new | wall s | generated tokens/s | vs transformers | "
+                  "first call s | compile s | peak GiB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in decodes:
+            for stack, name in (("jax", "ours"), ("torch", "transformers")):
+                s = r[stack]
+                lines.append(f"| {s['device']} | {name} | {r['dtype']} | {r['batch']} | {r['prompt']} | {r['new']} | "
+                             f"{s['generate_s']:.3f} | {s['tokens_per_s']:.0f} | "
+                             f"{format(r['speedup'], '.2f') + 'x' if stack == 'jax' else ''} | {s['first_call_s']:.1f} | "
+                             f"{_fmt(s.get('compile_s'), '.1f')} | {_fmt(s.get('peak_gib'), '.1f')} |")
         lines.append("")
     for name, value in ratios(rows).items():
         lines.append(f"- {name}: " + (f"{value:+.1%}" if "share" in name else f"{value:.2f}x"))

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from bench import device_run
@@ -51,6 +52,15 @@ def test_every_case_of_the_cpu_plan_gives_a_good_row(cpu_run):
     # train.py ran on a random checkpoint and generated data until SIGTERM, then exited cleanly.
     assert train["optimizer_steps"] >= 3 and train["returncode"] == 0 and train["padded_tokens_per_s"] > 0
     assert "random-init --preset tiny" in train["command"] and "train.py" in train["command"]
+    decode = rows["decode"]
+    # Float32 on the CPU: our KV-cache generation makes transformers' greedy tokens exactly.
+    assert decode["kind"] == "decode" and decode["dtype"] == "float32" and decode["agree_tokens"] == 8
+    assert decode["first_tokens_equal_fraction"] == 1.0 and decode["mean_common_prefix"] == 8.0
+    for stack in ("jax", "torch"):
+        assert decode[stack]["generated_tokens"] == decode["batch"] * decode["new"] == 16
+        assert decode[stack]["tokens_per_s"] > 0 and decode[stack]["first_call_s"] > 0
+    assert decode["jax"]["compile_s"] > 0 and decode["speedup"] > 0
+    assert decode["command"].startswith("python -m bench.decode_speed --tiny")
 
 
 def test_the_report_has_the_table_ratios_and_logs(cpu_run):
@@ -59,6 +69,8 @@ def test_the_report_has_the_table_ratios_and_logs(cpu_run):
     md = (out / "results.md").read_text()
     assert "| device | stack | exp |" in md and "x |" in md  # our tokens/s over PyTorch's, as N.NNx
     assert "python -m bench.train_step --stack torch" in md
+    assert any(k.startswith("ours / transformers generated tokens/s, float32 b2") for k in results["ratios"])
+    assert "| device | generation | dtype |" in md and "| cpu | transformers | float32 | 2 | 48 | 8 |" in md
     log = (out / "cases.log").read_text()
     assert "===== parity" in log and "===== train.py" in log
 
@@ -78,6 +90,31 @@ def test_ratios_compare_same_shapes_only():
     assert not any("b16" in k for k in r)  # no baseline at micro-batch 16
     assert "| H200 | jax | D_iada_lora | 2048 | 0 | 8 | xla | full | 1.030 | 3000 | 1.50x |" in device_run.markdown(
         rows, 510, cpu=False)
+
+
+def test_decode_rows_give_the_generation_table_and_ratio():
+    def stack(tokens_per_s, compile_s=None):
+        return dict(device="H200", generate_s=1024 / tokens_per_s, tokens_per_s=tokens_per_s, first_call_s=40.0,
+                    compile_s=compile_s, peak_gib=9.5, generated_tokens=1024)
+
+    row = dict(kind="decode", status="ok", case="decode", dtype="bfloat16", batch=16, prompt=1024, image_tokens=196,
+               new=64, jax=stack(3200, 38.0), torch=stack(1000), speedup=3.2, agree_tokens=8,
+               first_tokens_equal_fraction=0.75, mean_common_prefix=11.5)
+    assert device_run.ratios([row]) == {"ours / transformers generated tokens/s, bfloat16 b16 prompt 1024 new 64": 3.2}
+    md = device_run.markdown([row], 510, cpu=False)
+    assert "| H200 | ours | bfloat16 | 16 | 1024 | 64 | 0.320 | 3200 | 3.20x | 40.0 | 38.0 | 9.5 |" in md
+    assert "| H200 | transformers | bfloat16 | 16 | 1024 | 64 | 1.024 | 1000 |  | 40.0 | n/a | 9.5 |" in md
+    assert "3.20x (target 3x); first 8 tokens equal in 75% of samples" in md
+
+
+def test_agreement_counts_rows_whose_first_tokens_are_equal():
+    from bench.decode_speed import agreement
+
+    ours = np.array([[1, 2, 3, 4], [1, 2, 3, 4], [5, 6, 7, 8]])
+    theirs = np.array([[1, 2, 3, 4], [1, 2, 9, 4], [0, 6, 7, 8]])
+    assert agreement(ours, theirs, k=2) == {"agree_tokens": 2, "first_tokens_equal_fraction": 2 / 3,
+                                            "mean_common_prefix": (4 + 2 + 0) / 3}
+    assert agreement(ours, theirs, k=8)["agree_tokens"] == 4  # no more than were generated
 
 
 def test_a_failing_case_and_an_exhausted_budget_are_rows_not_crashes(tmp_path):
