@@ -11,7 +11,9 @@ At boundary n (after decoder layer n*S) and for each routing stream m:
 
 "Readable" is the scope: `prompt` = the sample's tokens before its first supervised token
 (all of them at inference), `full` = every token (leaks the answer), `causal` = prefix of
-each position. The boundary states are kept in a preallocated buffer [N + 1, B, T, D]
+each position. With packing (several samples in one row, `TokenMasks.segments`) all of it is
+per sample: a sample pools its own tokens, its query reads only its own tokens in the memory,
+and its result is injected into its own tokens; a row of one sample is the case K = 1. The boundary states are kept in a preallocated buffer [N + 1, B, T, D]
 carried by the block scan: entry 0 is H_0, entry n is H_nS before injection.
 
 Memory linear in depth. Differentiating a scan saves what each iteration's backward needs:
@@ -55,22 +57,56 @@ class TokenMasks:
 
     valid: Array  # real token (not padding)
     visual: Array  # image/video placeholder position (valid only)
-    prompt: Array  # valid and before the sample's first supervised token
+    prompt: Array  # valid and before its sample's first supervised token
+    segments: Array | None = None  # [B, T, K] bool: token t belongs to packed sample k; None: one per row
 
 
-jax.tree_util.register_dataclass(TokenMasks, data_fields=["valid", "visual", "prompt"], meta_fields=[])
+jax.tree_util.register_dataclass(TokenMasks, data_fields=["valid", "visual", "prompt", "segments"], meta_fields=[])
 
 
-def token_masks(input_ids: Array, attention_mask: Array, loss_mask: Array | None, visual_ids: tuple[int, ...]) -> TokenMasks:
-    """The masks from the batch: visual = placeholder ids; prompt = before the first loss_mask 1
-    (every valid token when loss_mask is None, as at inference: the prefill is the prompt)."""
+def token_masks(input_ids: Array, attention_mask: Array, loss_mask: Array | None, visual_ids: tuple[int, ...],
+                segment_ids: Array | None = None, num_segments: int = 0) -> TokenMasks:
+    """The masks from the batch: visual = placeholder ids; prompt = before the sample's first
+    loss_mask 1 (every valid token when loss_mask is None, as at inference: the prefill is the
+    prompt). segment_ids [B, T] (0 padding, k >= 1 the k-th packed sample) with num_segments K
+    slots per row: the masks of packed rows."""
     valid = attention_mask > 0
     visual = valid & jnp.isin(input_ids, jnp.asarray(visual_ids, input_ids.dtype))
+    segments = None
+    if segment_ids is not None:
+        segments = (segment_ids[..., None] == jnp.arange(1, num_segments + 1, dtype=segment_ids.dtype)) & valid[..., None]
     if loss_mask is None:
         prompt = valid
-    else:
+    elif segments is None:
         prompt = valid & (jnp.cumsum(loss_mask > 0, axis=1) == 0)
-    return TokenMasks(valid=valid, visual=visual, prompt=prompt)
+    else:  # supervised tokens before t within t's own sample: the row's count minus the count at its start
+        supervised = ((loss_mask > 0) & valid).astype(jnp.int32)
+        count = jnp.cumsum(supervised, axis=1)
+        before = count - supervised
+        at_start = jnp.min(jnp.where(segments, before[..., None], jnp.iinfo(jnp.int32).max), axis=1)  # [B, K]
+        base = jnp.sum(jnp.where(segments, at_start[:, None, :], 0), axis=-1)
+        prompt = valid & (count - base == 0)
+    return TokenMasks(valid=valid, visual=visual, prompt=prompt, segments=segments)
+
+
+def sample_masks(masks: TokenMasks) -> Array:
+    """[B, T, K] bool: which sample of its row each valid token belongs to (K = 1 unpacked)."""
+    return masks.valid[..., None] if masks.segments is None else masks.segments
+
+
+def same_sample(masks: TokenMasks) -> Array:
+    """[B, T, T] bool: tokens q and t belong to the same sample (everything, unpacked)."""
+    if masks.segments is None:
+        return jnp.ones(masks.valid.shape + masks.valid.shape[-1:], bool)
+    ids = jnp.argmax(masks.segments, axis=-1)
+    return ids[:, :, None] == ids[:, None, :]
+
+
+def sample_starts(masks: TokenMasks) -> Array:
+    """[B, T] bool: the first token of each sample (the first valid token, unpacked)."""
+    seg = sample_masks(masks)
+    first = seg & ~jnp.pad(seg, ((0, 0), (1, 0), (0, 0)))[:, :-1]
+    return first.any(-1)
 
 
 def stream_mask(masks: TokenMasks, stream: str) -> Array:
@@ -90,16 +126,25 @@ def rms_normalize(x: Array, eps: float) -> Array:
 # ----------------------------------------------------------------------------- pooling
 
 
-def mean_pool(h: Array, mask: Array, causal: bool) -> Array:
-    """Masked mean of h [B, T, D] (float32) over mask [B, T] -> [B, D]; causal: prefix means
-    [B, T, D] over tokens <= t. An empty set gives 0."""
+def _reset_add(a, b):
+    """Prefix sums that restart where a sample starts (an associative scan's operator)."""
+    (f1, x1), (f2, x2) = a, b
+    return f1 | f2, jnp.where(f2, x2, x1 + x2)
+
+
+def mean_pool(h: Array, mask: Array, causal: bool, samples: Array, starts: Array) -> Array:
+    """Masked mean of h [B, T, D] (float32) over mask [B, T] within each sample (samples
+    [B, T, K]) -> [B, K, D]; causal: prefix means [B, T, D] over the tokens <= t of t's own
+    sample (starts [B, T]: a sample's first token). An empty set gives 0."""
     w = mask.astype(jnp.float32)
     if causal:
-        total = jnp.cumsum(h * w[..., None], axis=1)
-        count = jnp.cumsum(w, axis=1)[..., None]
+        flags = starts[..., None]
+        _, total = jax.lax.associative_scan(_reset_add, (flags, h * w[..., None]), axis=1)
+        _, count = jax.lax.associative_scan(_reset_add, (flags, w[..., None]), axis=1)
     else:
-        total = jnp.einsum("btd,bt->bd", h, w)
-        count = w.sum(axis=1)[..., None]
+        sw = samples.astype(jnp.float32) * w[..., None]
+        total = jnp.einsum("btd,btk->bkd", h, sw)
+        count = sw.sum(axis=1)[..., None]
     return total / jnp.maximum(count, 1.0)
 
 
@@ -129,9 +174,18 @@ def _softmax_monoid(a, b):
     return m, l1 * c1 + l2 * c2, v1 * c1[..., None] + v2 * c2[..., None]
 
 
-def attention_pool(h: Array, mask: Array, u: Array, causal: bool) -> Array:
-    """sum_t softmax_t(u . h_t) h_t over mask (float32); causal: over tokens <= t, computed
-    with an associative scan so a later token never touches an earlier result."""
+def _reset_softmax(a, b):
+    """`_softmax_monoid` restarting where a sample starts."""
+    (f1, *x1), (f2, *x2) = a, b
+    merged = _softmax_monoid(tuple(x1), tuple(x2))
+    keep = lambda new, old: jnp.where(f2.reshape(f2.shape + (1,) * (new.ndim - f2.ndim)), old, new)  # noqa: E731
+    return (f1 | f2,) + tuple(keep(n, o) for n, o in zip(merged, x2))
+
+
+def attention_pool(h: Array, mask: Array, u: Array, causal: bool, samples: Array, starts: Array) -> Array:
+    """sum_t softmax_t(u . h_t) h_t over mask (float32) within each sample -> [B, K, D];
+    causal: over the tokens <= t of t's sample [B, T, D], computed with an associative scan so
+    a later token never touches an earlier result."""
     s = jnp.einsum("btd,d->bt", h, u)
     if causal:
         # Each position starts as a one-token softmax: max s_t (no gradient), weight
@@ -139,30 +193,31 @@ def attention_pool(h: Array, mask: Array, u: Array, causal: bool) -> Array:
         m = jax.lax.stop_gradient(jnp.where(mask, s, -jnp.inf))
         l = jnp.where(mask, jnp.exp(jnp.where(mask, s, 0.0) - _finite_or_zero(m)), 0.0)
         v = l[..., None] * h
-        m, l, v = jax.lax.associative_scan(_softmax_monoid, (m, l, v), axis=1)
+        _, m, l, v = jax.lax.associative_scan(_reset_softmax, (starts, m, l, v), axis=1)
         return v / jnp.where(l > 0, l, 1.0)[..., None]
-    return jnp.einsum("bt,btd->bd", safe_softmax(s, mask, axis=1), h)
+    within = jnp.moveaxis(samples, 2, 1) & mask[:, None, :]  # [B, K, T]
+    p = safe_softmax(jnp.broadcast_to(s[:, None, :], within.shape), within, axis=2)
+    return jnp.einsum("bkt,btd->bkd", p, h)
 
 
 # ----------------------------------------------------------------------------- retrieval
 
 
-def cross_depth_attention(q: Array, buffer: Array, depth_ok: Array, readable: Array, causal: bool,
-                          num_heads: int, eps: float) -> Array:
+def cross_depth_attention(q: Array, buffer: Array, depth_ok: Array, allowed: Array, num_heads: int,
+                          eps: float) -> Array:
     """Multi-head attention of queries q [B, Tq, D] over every (depth, token) of the memory.
 
-    buffer [N+1, B, T, D]; depth_ok [N+1] bool; readable [B, T] bool; causal (Tq == T):
-    query t reads tokens <= t only. Softmax over all readable (depth, token) pairs, in float32,
-    accumulated online one depth at a time (memory O(B H Tq T), not O(N B H Tq T)).
+    buffer [N+1, B, T, D]; depth_ok [N+1] bool; allowed [B, Tq, T] bool: the tokens query i
+    may read (its sample's readable tokens; the prefix of its position under the causal
+    scope). Softmax over all allowed (depth, token) pairs, in float32, accumulated online one
+    depth at a time (memory O(B H Tq T), not O(N B H Tq T)).
     Returns [B, Tq, D] float32, 0 for a query with nothing to read.
     """
     b, tq, d = q.shape
     t = buffer.shape[2]
     dh = d // num_heads
     qh = q.reshape(b, tq, num_heads, dh) * (dh**-0.5)
-    allowed = readable[:, None, None, :]  # [B, 1, 1, T]
-    if causal:
-        allowed = allowed & (jnp.arange(t)[None, :] <= jnp.arange(tq)[:, None])[None, None]
+    allowed = allowed[:, None]  # [B, 1, Tq, T]
 
     @jax.checkpoint  # keep per-depth float32 keys and logits out of the backward's residuals
     def step(carry, xs):
@@ -318,15 +373,19 @@ class DepthAggregation(nn.Module):
         streams = c.streams
         inject = {m: stream_mask(masks, m) for m in streams}
         readable = {m: inject[m] & scope for m in streams}
+        samples = sample_masks(masks)  # [B, T, K]
+        starts = sample_starts(masks) if causal else None
+        per_token = causal or c.granularity == "token"  # queries per position, else one per sample
+        same = same_sample(masks) if per_token and c.attend != "depth" else None
 
         h32 = h.astype(jnp.float32)
-        contexts = {}
+        contexts = {}  # [B, K, D] per sample, or [B, T, D] per position (causal)
         for m in streams:
             if c.pooling == "attention":
                 u = _iada_var(self, f"pool_{m}", lambda key: jnp.zeros((d,), jnp.float32))
-                contexts[m] = attention_pool(h32, readable[m], u, causal)
+                contexts[m] = attention_pool(h32, readable[m], u, causal, samples, starts)
             else:
-                contexts[m] = mean_pool(h32, readable[m], causal)
+                contexts[m] = mean_pool(h32, readable[m], causal, samples, starts)
 
         gates = self._gates(contexts, block_index)
         shared = None
@@ -334,6 +393,7 @@ class DepthAggregation(nn.Module):
             shared = QueryProjection("adaptive", c.rank, c.bottleneck, d, name="query_shared")
         delta = jnp.zeros_like(h32)
         vectors = []
+        to_tokens = lambda x: jnp.einsum("bkd,btk->btd", x, samples.astype(jnp.float32))  # noqa: E731
         for i, m in enumerate(streams):
             kind = c.stream_query(m)
             proj = shared or QueryProjection(kind, c.rank, c.bottleneck, d, name=f"query_{m}")
@@ -343,36 +403,49 @@ class DepthAggregation(nn.Module):
                 source = contexts[streams[1 - i]]
             else:
                 source = contexts[m]
-            q = proj(source)
-            q = jnp.broadcast_to(q, (h.shape[0], d)) if q.ndim == 1 else q
-            if q.ndim == 2:
-                q = q[:, None, :]  # one sequence-level query: [B, 1, D]
+            q = proj(source)  # [D] (fixed), [B, K, D] per sample or [B, T, D] per position
+            if q.ndim == 1:
+                q = jnp.broadcast_to(q, (h.shape[0], h.shape[1] if per_token else samples.shape[2], d))
             if c.attend == "depth":
+                if not per_token:
+                    q = to_tokens(q)  # each token reads its own states with its sample's query
                 read = functools.partial(depth_only_attention, num_heads=self.num_heads, eps=self.eps)
                 aux = (depth_ok,)
             else:
-                if causal:  # every position reads its own prefix, even with one shared (fixed) query
-                    q = jnp.broadcast_to(q, h32.shape)
-                read = functools.partial(cross_depth_attention, causal=causal, num_heads=self.num_heads, eps=self.eps)
-                aux = (depth_ok, readable[m])
+                if per_token:  # position i reads its sample's readable tokens (<= i when causal)
+                    allowed = same & readable[m][:, None, :]
+                    if causal:
+                        allowed = allowed & jnp.tril(jnp.ones(allowed.shape[1:], bool))[None]
+                else:  # sample k reads its readable tokens
+                    allowed = jnp.moveaxis(samples, 2, 1) & readable[m][:, None, :]
+                read = functools.partial(cross_depth_attention, num_heads=self.num_heads, eps=self.eps)
+                aux = (depth_ok, allowed)
             if shadow is None:
                 a = read(q, buffer, *aux)
             else:  # the streams' reads are chained on the shadow: each receives the final buffer
                 a, shadow = read_memory(read, q, buffer, shadow, aux)
-            g = gates[i]
-            g = g.reshape(g.shape + (1,) * (3 - g.ndim)) if g.ndim else g  # [B] or [B, T] -> [B, 1|T, 1]
-            delta = delta + jnp.where(inject[m][..., None], g * a, 0.0)
-            if self.return_vectors:
-                if a.shape[1] != 1:
+            g = gates[i]  # a scalar, [B, K] per sample, or [B, T] per position (causal)
+            if not per_token and c.attend != "depth":  # one vector per sample: a [B, K, D]
+                ga = (g[..., None] if g.ndim else g) * a
+                if self.return_vectors:
+                    if ga.shape[1] != 1:
+                        raise ValueError("return_vectors needs one sample per row")
+                    vectors.append(ga[:, 0])
+                ga = to_tokens(ga)  # each token gets its own sample's
+            else:  # one vector per token: a [B, T, D]
+                if self.return_vectors:
                     raise ValueError("return_vectors needs one injected vector per sequence (prompt scope, "
                                      "sequence granularity, attention over tokens)")
-                vectors.append((g * a)[:, 0])
+                if g.ndim and g.shape[1] != a.shape[1]:  # a sample's gate, to its tokens
+                    g = jnp.einsum("bk,btk->bt", g, samples.astype(jnp.float32))
+                ga = (g[..., None] if g.ndim else g) * a
+            delta = delta + jnp.where(inject[m][..., None], ga, 0.0)
         out = (h + delta.astype(h.dtype), buffer) + (() if shadow is None else (shadow,))
         return out + (jnp.stack(vectors),) if self.return_vectors else out
 
     def _gates(self, contexts: dict, block_index: Array) -> list[Array]:
         """One gate per stream: a scalar, this boundary's scalar, or tanh(w . c + b) per sample
-        (per position under the causal scope). All start at exactly 0."""
+        [B, K] (per position [B, T] under the causal scope). All start at exactly 0."""
         c = self.cfg
         streams = c.streams
         zeros = lambda shape: (lambda key: jnp.zeros(shape, jnp.float32))  # noqa: E731
