@@ -21,6 +21,8 @@ from iada_jax.train.loop import TrainConfig, TrainingError, fit
 
 
 HELP = {
+    "pack_samples": "with --pack: at most this many samples in a packed row (default 16)",
+    "pack_window": "with --pack: rows placed first-fit decreasing together, from the shuffled order (default 2048)",
     "min_pixels": "images are resized to at least this many pixels (default 200704 = 256*28*28, lmms-eval's "
                   "qwen3_vl; README 'Images')",
     "max_pixels": "... and at most this many (default 1605632, lmms-eval's qwen3_vl: 1568 visual tokens)",
@@ -39,7 +41,7 @@ def parse(argv=None) -> TrainConfig:
     ap.add_argument("--data", help="data file or folder (default: the embedded synthetic data)")
     ap.add_argument("--out", default="runs/train", help="run directory (default: runs/train)")
     for f in dataclasses.fields(TrainConfig):
-        if f.name in ("model", "data", "out", "resume", "progress", "buckets", "index_only", "messages_loss"):
+        if f.name in ("model", "data", "out", "resume", "progress", "buckets", "index_only", "messages_loss", "pack"):
             continue
         kind = {int: int, float: float, str: str}.get(type(f.default), None)
         if f.name in ("steps", "lora_r", "block_size", "stop_after"):
@@ -54,6 +56,9 @@ def parse(argv=None) -> TrainConfig:
                     help="messages rows: supervise all tokens (TRL's default) or the assistant turns only")
     ap.add_argument("--index-only", action="store_true",
                     help="build (or load) the data index, print usable rows, skips, buckets and padding, exit")
+    ap.add_argument("--pack", action="store_true",
+                    help="pack several samples into each row of --max-length tokens (attention and IADA stay "
+                         "inside each sample; README 'Packing')")
     ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     ap.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     args = vars(ap.parse_args(argv))

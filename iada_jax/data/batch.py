@@ -23,6 +23,11 @@ class Batch:
     loss_mask       [B, T] int32   1 where the token is a supervised target (an answer token);
                                    IADA's `prompt` scope reads the tokens before a sample's
                                    first 1. None at inference: the whole input is the prompt.
+    segment_ids     [B, T] int32   packed rows (data/packing.py): 0 padding, k >= 1 the k-th
+                                   sample of the row; attention and IADA stay inside a sample.
+                                   None: one sample per row.
+    sample_lengths  [B, K] int32   packed rows: the tokens of each sample, in row order, 0 for
+                                   an unused slot (K, the most samples a row holds, is static).
     """
 
     input_ids: Array
@@ -31,3 +36,5 @@ class Batch:
     vision: VisionInputs | None = None
     visual_index: Array | None = None
     loss_mask: Array | None = None
+    segment_ids: Array | None = None
+    sample_lengths: Array | None = None

@@ -6,7 +6,9 @@
    processes once and cached on disk). Bad rows are skipped and counted by reason.
 2. Each epoch is a fixed plan: rows shuffled with (seed, epoch), grouped into batches of one
    text-length bucket each (incomplete batches dropped), so the step compiles once per
-   bucket. A position (epoch, batch) identifies where a run is; resuming replays nothing.
+   bucket; or, with `pack`, placed several to a row of max_length tokens (data/packing.py:
+   every usable row exactly once per epoch, the last batch completed with empty rows). A
+   position (epoch, batch) identifies where a run is; resuming replays nothing.
 3. Batches are built ahead of the device in a background thread (image decoding in a pool).
    A row's tokens come from the index; its images are read as Arrow stores them (bytes) and
    decoded in the pool. A row whose image turns out to be undecodable only now (the index
@@ -48,6 +50,9 @@ class DataConfig:
     workers: int = 2  # index processes and image-decoding threads
     messages_loss: str = "all"  # messages rows: "all" tokens (TRL's default) or "assistant" turns only
     index_cache: str | None = None  # folder of cached indexes (None: data/index.default_cache_dir(); "": none)
+    pack: bool = False  # several samples per row of max_length tokens (data/packing.py)
+    pack_samples: int = 16  # at most this many samples in a packed row (K, a static shape)
+    pack_window: int = 2048  # rows placed first-fit decreasing together
 
     def text_buckets(self) -> tuple[int, ...]:
         if self.buckets:
@@ -148,9 +153,18 @@ class SFTData:
         return Example(ids, mask, pixels, grid, None if pixels is None else normalize_table(self.image_config))
 
     # ------------------------------------------------------------------ planning
-    def epoch_plan(self, epoch: int) -> list[tuple[int, list[int]]]:
-        """[(text length, row indices)] for one epoch; the same for the same (seed, epoch)."""
+    def epoch_plan(self, epoch: int) -> list[tuple[int, list]]:
+        """[(text length, row indices)] for one epoch; the same for the same (seed, epoch).
+        Packed: [(max_length, [[row, ...] per packed row])], batch_size packed rows a batch."""
         order = np.random.default_rng([self.cfg.seed, epoch]).permutation(self.usable_rows)
+        if self.cfg.pack:
+            from iada_jax.data.packing import pack
+
+            packed = pack(order, self.index.lengths, self.index.images, self.cfg.max_length, self.cfg.pack_samples,
+                          self.cfg.pack_samples * self.cfg.max_images, self.cfg.pack_window)
+            packed += [[] for _ in range(-len(packed) % self.cfg.batch_size)]
+            b = self.cfg.batch_size
+            return [(self.cfg.max_length, packed[i:i + b]) for i in range(0, len(packed), b)]
         pending: dict[int, list[int]] = collections.defaultdict(list)
         plan = []
         for i, b in zip(order.tolist(), self.row_bucket[order].tolist()):
@@ -163,13 +177,24 @@ class SFTData:
         return len(self.epoch_plan(0))
 
     # ------------------------------------------------------------------ building
-    def make_batch(self, length: int, rows: list[int], pool=None) -> Batch:
+    def make_batch(self, length: int, rows: list, pool=None) -> Batch:
+        """The batch of a plan entry (rows, or packed rows: lists of rows)."""
         mapper = pool.map if pool is not None else map
-        examples = list(mapper(self.load_example, rows))
-        return collate(examples, length, self.model_cfg, self.cfg.max_images)
+        flat = [i for r in rows for i in r] if self.cfg.pack else rows
+        return self._collate(length, rows, list(mapper(self.load_example, flat)))
 
-    def _collated(self, position, length: int, futures) -> tuple:
-        return position, collate([f.result() for f in futures], length, self.model_cfg, self.cfg.max_images)
+    def _collate(self, length: int, rows: list, examples: list[Example]) -> Batch:
+        if not self.cfg.pack:
+            return collate(examples, length, self.model_cfg, self.cfg.max_images)
+        from iada_jax.data.packing import collate_packed
+
+        it = iter(examples)
+        packed = [[next(it) for _ in r] for r in rows]
+        return collate_packed(packed, length, self.model_cfg, self.cfg.pack_samples,
+                              min_frames=self.cfg.batch_size * self.cfg.max_images)
+
+    def _collated(self, position, length: int, rows: list, futures) -> tuple:
+        return position, self._collate(length, rows, [f.result() for f in futures])
 
     def iterate(self, start: tuple[int, int] = (0, 0), epochs: int | None = None):
         """Yield ((epoch, batch), Batch) from `start`, built ahead in a background thread."""
@@ -200,7 +225,8 @@ class SFTData:
                 with concurrent.futures.ThreadPoolExecutor(self.cfg.workers + 1) as pool:
                     ahead = None
                     for position, (length, rows) in positions():
-                        submitted = (position, length, [pool.submit(self.load_example, i) for i in rows])
+                        flat = [i for r in rows for i in r] if self.cfg.pack else rows
+                        submitted = (position, length, rows, [pool.submit(self.load_example, i) for i in flat])
                         if ahead is not None and not put(self._collated(*ahead)):
                             return
                         ahead = submitted
@@ -241,18 +267,26 @@ def collate(examples: list[Example], length: int, cfg: Qwen3VLConfig, max_images
     positions, _ = get_rope_index(ids, mask, np.concatenate(grids) if grids else None, None,
                                   image_token_id=cfg.image_token_id, video_token_id=cfg.video_token_id,
                                   spatial_merge_size=cfg.vision.spatial_merge_size)
-    vision = visual_index = None
-    if grids:
-        grid = np.concatenate(grids)
-        pixels = [ex.pixel_values for ex in examples if ex.pixel_values is not None]
-        tables = [ex.pixel_table for ex in examples if ex.pixel_values is not None]
-        if any((t is None) != (tables[0] is None) for t in tables):
-            raise ValueError("a batch mixes uint8 pixel rows (with a pixel_table) and float rows")
-        merge = cfg.vision.spatial_merge_size
-        frame_len = frame_bucket(int(frame_sizes(grid).max()), minimum=16 * merge**2)
-        vision = build_vision_inputs(pixels, grid, cfg.vision, n_frames=b * max_images, frame_len=frame_len,
-                                     pixel_table=tables[0])
-        placeholders = np.flatnonzero((ids == cfg.image_token_id) & (mask == 1))
-        visual_index = scatter_index(placeholders, grid, frame_len, merge, b * max_images, b * length)
+    vision, visual_index = vision_batch(examples, ids, mask, cfg, b * max_images)
     return Batch(input_ids=ids, attention_mask=mask, position_ids=np.asarray(positions, np.int32),
                  vision=vision, visual_index=visual_index, loss_mask=loss)
+
+
+def vision_batch(examples: list[Example], ids: np.ndarray, mask: np.ndarray, cfg: Qwen3VLConfig, n_frames: int):
+    """(VisionInputs, visual_index) of the examples' images, in the order their placeholders
+    appear in `ids` (row-major), in n_frames frames of the batch's frame-length bucket; (None,
+    None) without images."""
+    grids = [ex.image_grid_thw for ex in examples if ex.image_grid_thw is not None]
+    if not grids:
+        return None, None
+    grid = np.concatenate(grids)
+    pixels = [ex.pixel_values for ex in examples if ex.pixel_values is not None]
+    tables = [ex.pixel_table for ex in examples if ex.pixel_values is not None]
+    if any((t is None) != (tables[0] is None) for t in tables):
+        raise ValueError("a batch mixes uint8 pixel rows (with a pixel_table) and float rows")
+    merge = cfg.vision.spatial_merge_size
+    frame_len = frame_bucket(int(frame_sizes(grid).max()), minimum=16 * merge**2)
+    vision = build_vision_inputs(pixels, grid, cfg.vision, n_frames=n_frames, frame_len=frame_len,
+                                 pixel_table=tables[0])
+    placeholders = np.flatnonzero((ids == cfg.image_token_id) & (mask == 1))
+    return vision, scatter_index(placeholders, grid, frame_len, merge, n_frames, ids.size)

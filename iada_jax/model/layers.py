@@ -119,11 +119,15 @@ def apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
 # ----------------------------------------------------------------------------- attention
 
 
-def causal_padding_mask(attention_mask: Array) -> Array:
-    """[B, T] 0/1 -> boolean [B, 1, T, T]: query t sees key s iff s <= t and s is not padding."""
+def causal_padding_mask(attention_mask: Array, segment_ids: Array | None = None) -> Array:
+    """[B, T] 0/1 -> boolean [B, 1, T, T]: query t sees key s iff s <= t and s is not padding;
+    with segment_ids [B, T] (packed rows) also iff s is in t's sample (block-diagonal causal)."""
     t = attention_mask.shape[1]
     causal = jnp.tril(jnp.ones((t, t), dtype=jnp.bool_))
-    return causal[None, None] & (attention_mask[:, None, None, :] > 0)
+    mask = causal[None, None] & (attention_mask[:, None, None, :] > 0)
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+    return mask
 
 
 def dot_product_attention(
@@ -131,17 +135,38 @@ def dot_product_attention(
 ) -> Array:
     """q [B, T, Hq, hd], k/v [B, S, Hkv, hd] (GQA: consecutive q heads share a kv head).
 
-    "xla": explicit boolean mask (any padding side); logits and softmax in float32.
+    "xla": explicit boolean mask (any padding side, packed rows); logits and softmax in float32.
     "cudnn": causal (or not: the vision tower's frames) + the sequences' lengths, so it is only
     right for right-padded batches (the public API has no left padding or packing; see
-    PERF_NOTES.md traps).
+    PERF_NOTES.md traps). seq_lengths [B, K] (packed rows, samples from position 0 on): cuDNN's
+    segment offsets (`cudnn_packed_attention`), block-diagonal causal.
     """
     scale = q.shape[-1] ** -0.5
     if implementation == "xla":
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="xla")
+    if implementation == "cudnn" and seq_lengths.ndim == 2:
+        return cudnn_packed_attention(q, k, v, seq_lengths, scale)
     if implementation == "cudnn":
         return jax.nn.dot_product_attention(
             q, k, v, scale=scale, is_causal=causal, query_seq_lengths=seq_lengths,
             key_value_seq_lengths=seq_lengths, implementation="cudnn",
         )
     raise ValueError(f"unknown attention implementation {implementation!r}; use 'xla' or 'cudnn'")
+
+
+def cudnn_packed_attention(q: Array, k: Array, v: Array, sample_lengths: Array, scale: float) -> Array:
+    """Block-diagonal causal attention over packed rows with cuDNN's segment offsets (jax's
+    internal `cudnn.fused_attention_stablehlo.dot_product_attention`: the public API takes no
+    offsets). sample_lengths [B, K]: the samples lie back to back from position 0; unused slots
+    (0) become cuDNN's -1. GPU only; bench/parity.py checks it against the XLA mask."""
+    from jax._src.cudnn.fused_attention_stablehlo import MaskType
+    from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_attention
+
+    lengths = sample_lengths.astype(jnp.int32)
+    used = lengths > 0
+    starts = jnp.cumsum(lengths, axis=1) - lengths
+    seqlen = jnp.where(used, lengths, -1)
+    # K + 1 entries: the samples' starts, -1 after them (the docstring's example of the function).
+    offsets = jnp.concatenate([jnp.where(used, starts, -1), jnp.full(lengths.shape[:1] + (1,), -1, jnp.int32)], 1)
+    return cudnn_attention(q, k, v, None, None, seqlen, seqlen, offsets, offsets, scale=scale,
+                           mask_type=MaskType.PADDING_CAUSAL)

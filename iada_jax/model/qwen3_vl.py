@@ -52,10 +52,12 @@ class LanguageModelWrapper(nn.Module):
             embeds = embeds.reshape(b, t, d)  # padding visual tokens (index B * T) are dropped
         masks = None
         if self.adapters.iada is not None:
+            k = 0 if batch.sample_lengths is None else batch.sample_lengths.shape[1]
             masks = token_masks(batch.input_ids, batch.attention_mask, batch.loss_mask,
-                                (self.cfg.image_token_id, self.cfg.video_token_id))
+                                (self.cfg.image_token_id, self.cfg.video_token_id), batch.segment_ids, k)
         h, hidden, cache = self.language_model(
-            embeds, batch.position_ids, batch.attention_mask, deepstack, batch.visual_index, masks, cache
+            embeds, batch.position_ids, batch.attention_mask, deepstack, batch.visual_index, masks, cache,
+            batch.segment_ids, batch.sample_lengths,
         )
         return h, embeds, hidden, cache
 

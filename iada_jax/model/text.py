@@ -39,7 +39,7 @@ class LayerContext:
     cos: Array  # [B, T, hd]
     sin: Array  # [B, T, hd]
     mask: Array  # [B, 1, T, T] bool
-    seq_lengths: Array  # [B] int32, valid tokens per sample (cuDNN path)
+    seq_lengths: Array  # [B] int32 valid tokens per row, or [B, K] per packed sample (cuDNN path)
     deepstack: Array | None = None  # [K, Nv, D] visual features added after layers 0..K-1
     visual_index: Array | None = None  # [Nv] flat (b * T + t) positions of the visual tokens
     token_masks: TokenMasks | None = None  # what IADA reads (streams, scope)
@@ -252,11 +252,13 @@ class TextModel(nn.Module):
 
     def __call__(self, inputs_embeds: Array, position_ids: Array, attention_mask: Array,
                  deepstack: Array | None = None, visual_index: Array | None = None,
-                 token_masks: TokenMasks | None = None, cache: KVCache | None = None):
+                 token_masks: TokenMasks | None = None, cache: KVCache | None = None,
+                 segment_ids: Array | None = None, sample_lengths: Array | None = None):
         """inputs_embeds [B, T, D], position_ids [3, B, T], attention_mask [B, T];
         deepstack [K, Nv, D] and visual_index [Nv] when the batch has images or videos;
         token_masks when IADA is on; cache (cache_mode prefill/decode) the KV cache the T
-        tokens are appended to.
+        tokens are appended to; segment_ids [B, T] and sample_lengths [B, K] for packed rows
+        (attention stays inside each sample: block-diagonal causal).
 
         Returns (final normed hidden [B, T, D], per-layer outputs [L, B, T, D] or None, the
         updated cache or None); a layer's output is taken after its DeepStack addition (the
@@ -265,8 +267,13 @@ class TextModel(nn.Module):
         c = self.cfg
         cos, sin = mrope_cos_sin(position_ids, c.head_dim, c.rope_theta, c.mrope_section, inputs_embeds.dtype)
         n_blocks = c.num_hidden_layers // self.fwd.block_size
+        seq_lengths = attention_mask.sum(-1).astype(jnp.int32)
         if cache is None:
-            mask, cache_index, layer_cache, vectors = causal_padding_mask(attention_mask), None, None, None
+            mask, cache_index, layer_cache, vectors = causal_padding_mask(attention_mask, segment_ids), None, None, None
+            if segment_ids is not None:
+                seq_lengths = sample_lengths.astype(jnp.int32)
+        elif segment_ids is not None:
+            raise ValueError("packed rows (segment_ids) cannot be decoded with a KV cache")
         else:
             kv_mask = jax.lax.dynamic_update_slice_in_dim(cache.mask, attention_mask.astype(jnp.int32), cache.index, 1)
             slots = jnp.arange(kv_mask.shape[1])
@@ -277,7 +284,7 @@ class TextModel(nn.Module):
             layer_cache = (to_blocks(cache.k), to_blocks(cache.v))
             vectors = cache.iada if self.cache_mode == "decode" else None
         ctx = LayerContext(
-            cos=cos, sin=sin, mask=mask, seq_lengths=attention_mask.sum(-1).astype(jnp.int32),
+            cos=cos, sin=sin, mask=mask, seq_lengths=seq_lengths,
             deepstack=deepstack, visual_index=visual_index, token_masks=token_masks, cache_index=cache_index,
         )
         layer_index = jnp.arange(c.num_hidden_layers, dtype=jnp.int32).reshape(n_blocks, self.fwd.block_size)

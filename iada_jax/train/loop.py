@@ -83,6 +83,9 @@ class TrainConfig:
     messages_loss: str = "all"  # messages rows: "all" tokens (TRL's default) or "assistant" turns only
     index_cache: str | None = None  # folder of cached row indexes (default ~/.cache/iada_jax/index; "" none)
     index_only: bool = False  # build or load the index, print what it holds, exit
+    pack: bool = False  # several samples per row of max_length tokens, kept apart (data/packing.py)
+    pack_samples: int = 16  # at most this many samples in a packed row
+    pack_window: int = 2048  # rows placed first-fit decreasing together (shuffled order)
     workers: int = 2
     prefetch: int = 4
     progress: bool = True
@@ -170,7 +173,8 @@ def _data(cfg: TrainConfig, log) -> SFTData:
     return SFTData(DataConfig(path=cfg.data, max_length=cfg.max_length, batch_size=cfg.batch_size,
                               buckets=cfg.buckets, max_images=cfg.max_images, seed=cfg.seed,
                               prefetch=cfg.prefetch, workers=cfg.workers, messages_loss=cfg.messages_loss,
-                              index_cache=cfg.index_cache), tokenizer, image_config, mcfg, log=log)
+                              index_cache=cfg.index_cache, pack=cfg.pack, pack_samples=cfg.pack_samples,
+                              pack_window=cfg.pack_window), tokenizer, image_config, mcfg, log=log)
 
 
 def fit(cfg: TrainConfig, log=print) -> dict:

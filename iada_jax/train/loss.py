@@ -27,10 +27,14 @@ Array = jax.Array
 
 
 def supervised_weights(batch: Batch) -> Array:
-    """[B, T - 1] float32: 1 where position t's next token (t + 1) is supervised and real."""
+    """[B, T - 1] float32: 1 where position t's next token (t + 1) is supervised and real, and
+    (packed rows) in t's own sample: a sample's first token has no predecessor, as alone."""
     if batch.loss_mask is None:
         raise ValueError("training needs batch.loss_mask (1 on the answer tokens to supervise)")
-    return (batch.loss_mask[:, 1:] * batch.attention_mask[:, 1:]).astype(jnp.float32)
+    weights = batch.loss_mask[:, 1:] * batch.attention_mask[:, 1:]
+    if batch.segment_ids is not None:
+        weights = weights * (batch.segment_ids[:, 1:] == batch.segment_ids[:, :-1])
+    return weights.astype(jnp.float32)
 
 
 def next_token_logprobs(logits: Array, input_ids: Array) -> Array:

@@ -121,6 +121,8 @@ def place_batch(batch, mesh: Mesh):
         attention_mask=put("mask", batch.attention_mask, 0),
         loss_mask=put("loss", batch.loss_mask, 0),
         position_ids=put("pos", batch.position_ids, 1),
+        segment_ids=put("segments", batch.segment_ids, 0),
+        sample_lengths=put("samples", batch.sample_lengths, 0),
         vision=None if batch.vision is None else jax.tree.map(lambda a: place(a, rep), batch.vision),
         visual_index=None if batch.visual_index is None else place(batch.visual_index, rep),
     )
