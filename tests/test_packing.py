@@ -166,7 +166,9 @@ def test_packed_rows_hold_their_samples_positions_and_images(model, samples):
     _, packed = alone_and_packed(model, samples)
     lengths = np.asarray(packed.sample_lengths)
     assert lengths.tolist() == [[len(samples[i].input_ids) for i in r] + [0] * (K - len(r)) for r in ROWS]
-    assert np.asarray(packed.vision.pixel_values if hasattr(packed.vision, "pixel_values") else 0).size >= 0
+    index = np.asarray(packed.visual_index)
+    real = index[index < packed.input_ids.size]  # every visual token of every sample, none twice
+    np.testing.assert_array_equal(np.sort(real), np.flatnonzero(np.asarray(packed.input_ids) == IMG))
     for i, r, k in spans():
         alone = collate([samples[i]], ALONE_LENGTH, model.config, max_images=2)
         where = _where(packed, r, k)
@@ -195,3 +197,46 @@ def test_pack_places_every_row_once_and_is_deterministic():
     assert stats["real_fraction"] > 0.95, stats
     with pytest.raises(ValueError, match="row 3: 2000 tokens"):
         pack(np.asarray([3]), np.asarray([0, 0, 0, 2000]), np.zeros(4, int), 1024, 8, 4, 16)
+
+
+# ----------------------------------------------------------------------------- the loader and train.py
+def test_a_packed_epoch_visits_every_usable_row_exactly_once(embedded):
+    from iada_jax.data.loader import DataConfig, SFTData
+    from test_data import image_cfg
+
+    _, data_path, tok, model = embedded
+    cfg = DataConfig(path=data_path, max_length=256, batch_size=4, seed=3, pack=True, pack_samples=4, pack_window=16)
+    data = SFTData(cfg, tok, image_cfg(), model.config, log=lambda *a: None)
+    for epoch in (0, 1):
+        plan = data.epoch_plan(epoch)
+        assert plan == data.epoch_plan(epoch)
+        rows = sorted(i for _, batch in plan for packed in batch for i in packed)
+        assert rows == sorted(data.usable_rows.tolist())  # every usable row once, none dropped
+        assert all(length == 256 and len(batch) == 4 for length, batch in plan)
+        assert all(data.index.lengths[p].sum() <= 256 and len(p) <= 4 for _, b in plan for p in b if p)
+    assert data.epoch_plan(0) != data.epoch_plan(1)
+    (pos, batch), = [x for _, x in zip(range(1), data.iterate(start=(0, 1)))]
+    length, packed = data.epoch_plan(0)[1]
+    assert pos == (0, 1) and batch.input_ids.shape == (4, 256)
+    assert np.asarray(batch.sample_lengths).sum(1).tolist() == [int(data.index.lengths[p].sum()) for p in packed]
+
+
+def test_a_killed_packed_run_resumes_bit_identically(embedded, tmp_path):
+    import os
+    import shutil
+
+    from test_train import config, quiet
+
+    from iada_jax.train.loop import fit
+
+    kw = dict(steps=4, batch_size=2, save_every=2, block_size=2, pack=True, pack_samples=4, max_length=256,
+              buckets=())
+    straight = fit(config(embedded, tmp_path / "straight", **kw), log=quiet)
+    run = tmp_path / "killed"
+    fit(config(embedded, run, stop_after=3, **kw), log=quiet)
+    shutil.rmtree(run / "checkpoints" / "3")
+    resumed = fit(config(embedded, run, resume=True, **kw), log=quiet)
+    assert resumed["step"] == 4 and straight["losses"][2:] == resumed["losses"][-2:]
+    for a, b in zip(jax.tree.leaves(straight["trainable"]), jax.tree.leaves(resumed["trainable"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert os.path.isdir(run / "final")

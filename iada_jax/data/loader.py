@@ -107,6 +107,7 @@ class SFTData:
             self._image_column = self.rows.data.table.column(self._images)
         self._image_rows = None if self._images is None else self.rows.select_columns([self._images]).with_format("arrow")
         self._pad_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+        self._packed_plan: tuple = (None, [])
         settings = IndexSettings(max_length=cfg.max_length, image=image_config,
                                  merge_size=model_cfg.vision.spatial_merge_size, messages_loss=cfg.messages_loss)
         self.index: RowIndex = build_index(self.rows, tokenizer, settings, source=cfg.path, workers=cfg.workers,
@@ -157,14 +158,16 @@ class SFTData:
         """[(text length, row indices)] for one epoch; the same for the same (seed, epoch).
         Packed: [(max_length, [[row, ...] per packed row])], batch_size packed rows a batch."""
         order = np.random.default_rng([self.cfg.seed, epoch]).permutation(self.usable_rows)
-        if self.cfg.pack:
-            from iada_jax.data.packing import pack
+        if self.cfg.pack:  # about 3 s for 259K rows: kept for the epoch
+            if self._packed_plan[0] != epoch:
+                from iada_jax.data.packing import pack
 
-            packed = pack(order, self.index.lengths, self.index.images, self.cfg.max_length, self.cfg.pack_samples,
-                          self.cfg.pack_samples * self.cfg.max_images, self.cfg.pack_window)
-            packed += [[] for _ in range(-len(packed) % self.cfg.batch_size)]
-            b = self.cfg.batch_size
-            return [(self.cfg.max_length, packed[i:i + b]) for i in range(0, len(packed), b)]
+                packed = pack(order, self.index.lengths, self.index.images, self.cfg.max_length, self.cfg.pack_samples,
+                              self.cfg.pack_samples * self.cfg.max_images, self.cfg.pack_window)
+                packed += [[] for _ in range(-len(packed) % self.cfg.batch_size)]
+                b = self.cfg.batch_size
+                self._packed_plan = (epoch, [(self.cfg.max_length, packed[i:i + b]) for i in range(0, len(packed), b)])
+            return list(self._packed_plan[1])
         pending: dict[int, list[int]] = collections.defaultdict(list)
         plan = []
         for i, b in zip(order.tolist(), self.row_bucket[order].tolist()):
