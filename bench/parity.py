@@ -74,7 +74,52 @@ def attention_check(tiny: bool) -> dict:
     # bf16 outputs of O(1) values: a few bf16 ulps (2^-8 relative) of difference is rounding.
     ok = (row["cudnn_max_abs_diff_valid"] <= 2e-2 * max(scale, 1.0) and row["cudnn_padded_rows_finite"]
           and row["cudnn_grads_finite"] and row["xla_padded_rows_finite"])
+    packed = packed_attention_check(q, k, v, cot)
+    row.update(packed)
+    ok = ok and packed["packed_status"] == "ok"
     row["status"] = "ok" if ok else "mismatch"
+    return row
+
+
+def packed_attention_check(q, k, v, cot) -> dict:
+    """Packed rows (several samples back to back, then padding): cuDNN with segment offsets
+    (`cudnn_packed_attention`, what `--pack --attention cudnn` runs) against the XLA
+    block-diagonal causal mask, output and gradients on the samples' tokens. GPU only."""
+    import jax
+    import jax.numpy as jnp
+
+    from iada_jax.model.layers import causal_padding_mask, dot_product_attention
+
+    b, t = q.shape[:2]
+    parts = [[t // 2, t // 4, t // 8], [t], [t // 3, t // 3], [5, 7, 1]]  # samples per row; the rest padding
+    k_max = max(map(len, parts))
+    sample_lengths = np.zeros((b, k_max), np.int32)
+    segments = np.zeros((b, t), np.int32)
+    for r, lengths in enumerate(parts):
+        sample_lengths[r, :len(lengths)] = lengths
+        segments[r, :sum(lengths)] = np.repeat(np.arange(1, len(lengths) + 1), lengths)
+    valid = segments > 0
+    mask = causal_padding_mask(jnp.asarray(valid.astype(np.int32)), jnp.asarray(segments))
+    weight = jnp.asarray(valid, jnp.bfloat16)[:, :, None, None] * cot
+
+    def run(impl):
+        def f(q, k, v):
+            return dot_product_attention(q, k, v, mask, jnp.asarray(sample_lengths), impl)
+
+        out, vjp = jax.vjp(f, q, k, v)
+        return [np.asarray(x, np.float32) for x in (out,) + vjp(weight)]
+
+    ref, got = run("xla"), run("cudnn")
+    scale = float(np.abs(ref[0][valid]).max())
+    row = {"packed_rows": [list(p) for p in parts],
+           "packed_cudnn_max_abs_diff": float(np.abs(got[0] - ref[0])[valid].max()),
+           "packed_cudnn_grad_max_abs_diff": {n: float(np.abs(g - r)[valid].max())
+                                              for n, g, r in zip("qkv", got[1:], ref[1:])}}
+    grad_scale = max(float(np.abs(r[valid]).max()) for r in ref[1:])
+    ok = (row["packed_cudnn_max_abs_diff"] <= 2e-2 * max(scale, 1.0)
+          and max(row["packed_cudnn_grad_max_abs_diff"].values()) <= 2e-2 * max(grad_scale, 1.0)
+          and all(np.isfinite(x[valid]).all() for x in got))
+    row["packed_status"] = "ok" if ok else "mismatch"
     return row
 
 
