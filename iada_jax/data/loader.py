@@ -130,7 +130,16 @@ class SFTData:
                          for r, d in list(sorted(self.index.details.items()))[:3])
 
     def describe(self) -> str:
-        return describe(self.index, self.cfg.text_buckets(), self.cfg.max_images)
+        text = describe(self.index, self.cfg.text_buckets(), self.cfg.max_images)
+        if self.cfg.pack:
+            plan = self.epoch_plan(0)
+            rows = [r for _, batch in plan for r in batch if r]
+            real = int(sum(self.index.lengths[r].sum() for r in rows))
+            slots = self.cfg.max_length * sum(len(batch) for _, batch in plan)
+            text += (f"\npacked (--pack): {len(rows)} rows of {self.cfg.max_length} tokens, "
+                     f"{np.mean([len(r) for r in rows]):.2f} samples a row, {real / slots:.1%} of token slots real, "
+                     f"{len(plan)} batches an epoch")
+        return text
 
     def load_example(self, i: int) -> Example:
         """Row i: its tokens from the index (rendered and tokenised once, when indexing), its
