@@ -18,6 +18,10 @@ Cases, most important first (a 2B step can take a minute or more to compile):
                  transformers' generate on the same random 2B weights: batch 16, one image per
                  sample, 1024-token prompts, 64 new tokens, greedy, bf16; tokens/s of each, our
                  compile time, and whether the first 8 tokens agree (bench/decode_speed.py)
+  packing        (after decode) our D_iada_lora step, 2B dims, bf16, on the same 256 samples of
+                 llava-instruct-mix-like lengths (one image each): packed, 4 rows of 2048 a
+                 batch, against bucketed, 16 samples a batch in buckets of 512 / 1024; real
+                 tokens/s of each and their ratio (bench/train_step.py --lengths llava --pack)
   train.py       train.py itself for about a minute on a random full-size checkpoint and
                  generated data: the loop, the loader and the host, against the bare step
 
@@ -50,15 +54,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @dataclasses.dataclass(frozen=True)
 class CaseSpec:
     name: str
-    kind: str  # env | attention | parity | step | decode | train_py
+    kind: str  # env | attention | parity | step | decode | layouts | train_py
     needs_s: float  # do not start with less budget left than this
     limit_s: float  # stop it after this long
-    args: tuple[str, ...] = ()  # arguments of bench.train_step (step cases) or bench.decode_speed (decode)
+    args: tuple[str, ...] = ()  # arguments of bench.train_step (step, layouts) or bench.decode_speed (decode)
 
 
 def _step(name, stack, exp, batch, images, needs, limit, *extra) -> CaseSpec:
     args = ("--stack", stack, "--exp", exp, "--batch", str(batch), "--images", str(images)) + extra
     return CaseSpec(name, "step", needs, limit, args)
+
+
+def _layouts(needs, limit, *extra) -> CaseSpec:
+    """Packed against bucketed, D_iada_lora, on the same llava-like samples."""
+    args = ("--stack", "jax", "--exp", "D_iada_lora", "--lengths", "llava", "--pack") + extra
+    return CaseSpec("packing", "layouts", needs, limit, args)
 
 
 def plan(cpu: bool) -> list[CaseSpec]:
@@ -69,6 +79,8 @@ def plan(cpu: bool) -> list[CaseSpec]:
             CaseSpec("train.py", "train_py", 5, 150),
             CaseSpec("parity", "parity", 10, 120),
             _step("step-D-b2-img1", "jax", "D_iada_lora", 2, 1, 5, 120, *tiny),
+            _layouts(5, 150, "--tiny", "--dtype", "float32", "--block-size", "2", "--seq", "256", "--batch", "4",
+                     "--pack-batch", "1", "--samples", "32", "--passes", "1"),
             CaseSpec("attention", "attention", 5, 60),
             _step("step-torch-B-b2-img1", "torch", "B_lora", 2, 1, 5, 120, *tiny),
             CaseSpec("decode", "decode", 5, 120, ("--tiny", "--dtype", "float32", "--batch", "2", "--prompt", "48",
@@ -82,6 +94,8 @@ def plan(cpu: bool) -> list[CaseSpec]:
         _step("step-B-b8-text", "jax", "B_lora", 8, 0, 90, 300),
         _step("step-torch-B-b8-text", "torch", "B_lora", 8, 0, 60, 240),
         CaseSpec("decode", "decode", 60, 240, ("--batch", "16", "--prompt", "1024", "--new", "64", "--dtype", "bfloat16")),
+        _layouts(180, 420, "--seq", "2048", "--batch", "16", "--pack-batch", "4", "--samples", "256", "--passes", "2",
+                 "--dtype", "bfloat16"),
         _step("step-D-b8-img1", "jax", "D_iada_lora", 8, 1, 90, 300),
         _step("step-B-b8-img1", "jax", "B_lora", 8, 1, 90, 300),
         _step("step-torch-B-b8-img1", "torch", "B_lora", 8, 1, 60, 240),
@@ -256,6 +270,9 @@ class Runner:
     def _step(self, spec, limit, log):
         return self._python_case(spec, limit, log, ["bench.train_step"] + list(spec.args), "step")
 
+    def _layouts(self, spec, limit, log):
+        return self._python_case(spec, limit, log, ["bench.train_step"] + list(spec.args), "layouts")
+
     def _decode(self, spec, limit, log):
         return self._python_case(spec, limit, log, ["bench.decode_speed"] + list(spec.args), "decode")
 
@@ -335,6 +352,16 @@ def summary_line(row: dict) -> str:
                 f"({theirs['generate_s']:.2f} s): {row['speedup']:.2f}x (target 3x); first {row['agree_tokens']} "
                 f"tokens equal in {row['first_tokens_equal_fraction']:.0%} of samples (mean common prefix "
                 f"{row['mean_common_prefix']:.1f})")
+    if kind == "layouts":
+        parts = []
+        for name in ("packed", "bucketed"):
+            if name in row:
+                r = row[name]
+                parts.append(f"{name} {_layout_batch(row, name)}: {r['real_tokens_per_s']:.0f} real tokens/s (real "
+                             f"fraction {r['real_fraction']:.0%}, step {r['step_s']:.3f} s, {r['programs']} program(s), "
+                             f"compile {r['compile_s']:.0f} s)")
+        ratio = f": {row['ratio']:.2f}x (target 1.3x)" if "ratio" in row else ""
+        return f"{row['exp']} {row['dtype']} seq {row['seq']}, {row['samples']} samples: " + ", ".join(parts) + ratio
     if kind == "train_py":
         return f"{row['optimizer_steps']} steps, {row['padded_tokens_per_s']:.0f} padded tokens/s"
     if kind == "env":
@@ -355,6 +382,14 @@ def summary_line(row: dict) -> str:
 
 def _fmt(x, spec):
     return "n/a" if x is None else format(x, spec)
+
+
+def _layout_batch(row: dict, name: str) -> str:
+    """A layouts row's batch: "4 x 2048" packed rows, "b16 (512: 12, 1024: 3)" bucketed (length: batches)."""
+    r = row[name]
+    if name == "packed":
+        return f"{r['batch_rows']} x {row['seq']}"
+    return f"b{r['batch_rows']} (" + ", ".join(f"{k}: {v}" for k, v in r["lengths"].items()) + ")"
 
 
 def ratios(rows: list[dict]) -> dict[str, float]:
@@ -380,6 +415,9 @@ def ratios(rows: list[dict]) -> dict[str, float]:
         if r.get("kind") == "decode" and r.get("status") == "ok":
             out[f"ours / transformers generated tokens/s, {r['dtype']} b{r['batch']} prompt {r['prompt']} "
                 f"new {r['new']}"] = r["speedup"]
+        if r.get("kind") == "layouts" and r.get("status") == "ok" and "ratio" in r:
+            out[f"packed / bucketed real tokens/s, {r['exp']} {r['dtype']} seq {r['seq']} (packed "
+                f"{r['packed']['batch_rows']} x {r['seq']}, bucketed b{r['bucketed']['batch_rows']})"] = r["ratio"]
         if r.get("kind") == "train_py" and r.get("status") == "ok":
             bare = steps.get(("jax", r["exp"], r["seq"], r["images"], r["batch"], "xla", "full"))
             if bare:
@@ -423,6 +461,27 @@ def markdown(rows: list[dict], budget_s: float, cpu: bool) -> str:
                              f"{s['generate_s']:.3f} | {s['tokens_per_s']:.0f} | "
                              f"{format(r['speedup'], '.2f') + 'x' if stack == 'jax' else ''} | {s['first_call_s']:.1f} | "
                              f"{_fmt(s.get('compile_s'), '.1f')} | {_fmt(s.get('peak_gib'), '.1f')} |")
+        lines.append("")
+    layouts = [r for r in rows if r.get("kind") == "layouts" and r.get("status") == "ok"]
+    if layouts:
+        lines += ["| device | layout | exp | dtype | batch (length: batches) | programs | step s | real tokens/s | "
+                  "token slots/s | real fraction | real tokens / step | vs bucketed | compile s | compiled GiB |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in layouts:
+            for name in ("packed", "bucketed"):
+                if name not in r:
+                    continue
+                m = r[name]
+                vs = f"{r['ratio']:.2f}x" if name == "packed" and "ratio" in r else ""
+                lines.append(f"| {r['device']} | {name} | {r['exp']} | {r['dtype']} | {_layout_batch(r, name)} | "
+                             f"{m['programs']} | {m['step_s']:.3f} | {m['real_tokens_per_s']:.0f} | "
+                             f"{m['token_slots_per_s']:.0f} | {m['real_fraction']:.1%} | {m['real_tokens_per_step']:.0f} | "
+                             f"{vs} | {m['compile_s']:.0f} | {_fmt(m.get('compiled_total_gib'), '.1f')} |")
+        lines.append("")
+        lines += [f"Rates per real token: each layout steps {r['passes']} time(s) through its full batches of the "
+                  f"same {r['samples']} samples (llava-like lengths, {r['visual_tokens_per_sample']:.0f} visual tokens "
+                  f"a sample; untimed: {r.get('packed', {}).get('untimed_batches', 0)} last packed batch completed "
+                  f"with empty rows); step s is per batch." for r in layouts]
         lines.append("")
     for name, value in ratios(rows).items():
         lines.append(f"- {name}: " + (f"{value:+.1%}" if "share" in name else f"{value:.2f}x"))

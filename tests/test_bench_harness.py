@@ -68,3 +68,34 @@ def test_cpu_weight_copies_count_each_converted_bf16_weight_once():
         "  %e = bf16[28,64,96]{2,1,0} convert(f32[28,64,96]{2,1,0} %x)",
     ])
     assert memory.cpu_weight_upcast_bytes(hlo, params) == 2 * 4 * 28 * 64 * 64
+
+
+def test_packed_and_bucketed_layouts_of_the_step_bench_hold_the_same_samples_and_loss():
+    """`bench.train_step --lengths llava --pack` compares two layouts of the same samples: the
+    bucketed batches and the packed rows hold the same real tokens, and (every sample getting the
+    logits it gets alone) the token-weighted loss of LoRA + IADA is the same, to float32 rounding."""
+    from convert.random_init import random_params
+    from iada_jax.config import ForwardConfig
+    from iada_jax.experiments import get_experiment
+    from iada_jax.train.optimizer import OptimizerConfig
+
+    cfg = train_step.model_config(True)
+    examples = train_step.llava_examples(cfg, 24, tiny=True)
+    bucketed, packed = train_step.llava_layouts(cfg, examples, 256, batch=4, pack_batch=1)
+    assert {b.input_ids.shape[1] for b in bucketed} == {64, 128}  # two buckets, each its own program
+    assert {b.input_ids.shape for b in packed} == {(1, 256)} and all(b.segment_ids is not None for b in packed)
+    real = lambda batches: sum(int(b.attention_mask.sum()) for b in batches)  # noqa: E731
+    slots = lambda batches: sum(b.attention_mask.size for b in batches)  # noqa: E731
+    samples = sum(len(b.input_ids) for b in bucketed)
+    assert sum(int((b.sample_lengths > 0).sum()) for b in packed) == samples
+    assert real(packed) == real(bucketed) and real(packed) / slots(packed) > real(bucketed) / slots(bucketed)
+
+    program = TrainProgram(cfg, get_experiment("D_iada_lora", 2), ForwardConfig(block_size=2, remat="none",
+                                                                                 dtype="float32"),
+                           OptimizerConfig(), total_steps=10)
+    params = random_params(cfg, "float32")
+    trainable = train_step.moved(program.new_adapters(jax.random.PRNGKey(0), params))  # LoRA and IADA both act
+    frozen = {"params": params}
+    loss_bucketed = train_step.layout_loss(program, trainable, frozen, bucketed)
+    loss_packed = train_step.layout_loss(program, trainable, frozen, packed)
+    assert abs(loss_packed / loss_bucketed - 1) < 1e-5, (loss_packed, loss_bucketed)

@@ -61,6 +61,22 @@ def test_every_case_of_the_cpu_plan_gives_a_good_row(cpu_run):
         assert decode[stack]["tokens_per_s"] > 0 and decode[stack]["first_call_s"] > 0
     assert decode["jax"]["compile_s"] > 0 and decode["speedup"] > 0
     assert decode["command"].startswith("python -m bench.decode_speed --tiny")
+    packing = rows["packing"]
+    # The same llava-like samples, packed (rows of 256) and bucketed (b4 in buckets of 64 and 128).
+    assert packing["kind"] == "layouts" and packing["exp"] == "D_iada_lora" and packing["seq"] == 256
+    packed, bucketed = packing["packed"], packing["bucketed"]
+    assert packed["lengths"] == {"256": packed["batches"]} and packed["programs"] == 1
+    assert set(bucketed["lengths"]) == {"64", "128"} and bucketed["programs"] == 2
+    assert packed["real_tokens_per_step"] * packed["batches"] == bucketed["real_tokens_per_step"] * bucketed["batches"]
+    assert packed["real_fraction"] > bucketed["real_fraction"] and 1 < packed["samples_per_row"] <= 16
+    assert packed["untimed_batches"] == 0  # one row a batch: no batch is completed with empty rows
+    assert packing["samples"] == bucketed["batches"] * bucketed["batch_rows"] <= packing["samples_drawn"]
+    for layout in (packed, bucketed):
+        assert layout["compile_s"] > 0 and layout["step_s"] > 0 and layout["compiled_total_gib"] > 0
+        assert layout["token_slots_per_s"] > layout["real_tokens_per_s"] > 0 and layout["images_per_batch"] > 0
+    assert packing["ratio"] == pytest.approx(packed["real_tokens_per_s"] / bucketed["real_tokens_per_s"])
+    assert packing["command"].startswith("python -m bench.train_step --stack jax --exp D_iada_lora --lengths llava "
+                                         "--pack --tiny")
 
 
 def test_the_report_has_the_table_ratios_and_logs(cpu_run):
@@ -71,6 +87,9 @@ def test_the_report_has_the_table_ratios_and_logs(cpu_run):
     assert "python -m bench.train_step --stack torch" in md
     assert any(k.startswith("ours / transformers generated tokens/s, float32 b2") for k in results["ratios"])
     assert "| device | generation | dtype |" in md and "| cpu | transformers | float32 | 2 | 48 | 8 |" in md
+    assert "packed / bucketed real tokens/s, D_iada_lora float32 seq 256 (packed 1 x 256, bucketed b4)" in results["ratios"]
+    assert "| device | layout | exp |" in md and "| cpu | packed | D_iada_lora | float32 | 1 x 256 | 1 |" in md
+    assert "| cpu | bucketed | D_iada_lora | float32 | b4 (64: " in md
     log = (out / "cases.log").read_text()
     assert "===== parity" in log and "===== train.py" in log
 
@@ -105,6 +124,38 @@ def test_decode_rows_give_the_generation_table_and_ratio():
     assert "| H200 | ours | bfloat16 | 16 | 1024 | 64 | 0.320 | 3200 | 3.20x | 40.0 | 38.0 | 9.5 |" in md
     assert "| H200 | transformers | bfloat16 | 16 | 1024 | 64 | 1.024 | 1000 |  | 40.0 | n/a | 9.5 |" in md
     assert "3.20x (target 3x); first 8 tokens equal in 75% of samples" in md
+
+
+def test_the_gpu_plan_runs_packed_against_bucketed_after_decode():
+    names = [c.name for c in device_run.plan(cpu=False)]
+    assert names.index("packing") == names.index("decode") + 1
+    args = " ".join(next(c for c in device_run.plan(cpu=False) if c.name == "packing").args)
+    assert "--exp D_iada_lora --lengths llava --pack --seq 2048 --batch 16 --pack-batch 4" in args
+    assert "--tiny" not in args and "--dtype bfloat16" in args
+
+
+def test_layouts_rows_give_the_packing_table_and_ratio():
+    def layout(rows, lengths, step_s, real, slots, programs):
+        batches = sum(lengths.values())
+        return dict(batches=batches, batch_rows=rows, lengths=lengths, programs=programs, compile_s=70.0,
+                    step_s=step_s, real_tokens_per_s=real * batches / (step_s * batches),
+                    token_slots_per_s=slots / step_s, real_fraction=real / slots, real_tokens_per_step=real,
+                    compiled_total_gib=30.0)
+
+    row = dict(kind="layouts", status="ok", case="packing", device="H200", exp="D_iada_lora", dtype="bfloat16",
+               seq=2048, samples=240, passes=2, visual_tokens_per_sample=271.2,
+               packed=layout(4, {"2048": 15}, 1.0, 7200, 8192, 1),
+               bucketed=layout(16, {"512": 12, "1024": 3}, 1.2, 6750, 9830, 2))
+    row["ratio"] = row["packed"]["real_tokens_per_s"] / row["bucketed"]["real_tokens_per_s"]
+    assert device_run.ratios([row]) == {
+        "packed / bucketed real tokens/s, D_iada_lora bfloat16 seq 2048 (packed 4 x 2048, bucketed b16)": 1.28}
+    md = device_run.markdown([row], 510, cpu=False)
+    assert ("| H200 | packed | D_iada_lora | bfloat16 | 4 x 2048 | 1 | 1.000 | 7200 | 8192 | 87.9% | 7200 | 1.28x | 70 "
+            "| 30.0 |") in md
+    assert ("| H200 | bucketed | D_iada_lora | bfloat16 | b16 (512: 12, 1024: 3) | 2 | 1.200 | 5625 | 8192 | 68.7% | "
+            "6750 |  | 70 | 30.0 |") in md
+    assert "steps 2 time(s) through its full batches of the same 240 samples (llava-like lengths, 271 visual" in md
+    assert "1.28x (target 1.3x)" in device_run.summary_line(row)
 
 
 def test_agreement_counts_rows_whose_first_tokens_are_equal():
