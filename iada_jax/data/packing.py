@@ -21,8 +21,9 @@ import numpy as np
 
 from iada_jax.config import Qwen3VLConfig
 from iada_jax.data.batch import Batch
-from iada_jax.data.loader import next_pow2, vision_batch
+from iada_jax.data.loader import vision_batch
 from iada_jax.data.sft import Example
+from iada_jax.data.vision_inputs import frame_bucket
 from iada_jax.positions import get_rope_index
 
 
@@ -65,7 +66,9 @@ def collate_packed(rows: list[list[Example]], length: int, cfg: Qwen3VLConfig, m
                    min_frames: int = 1) -> Batch:
     """Packed rows of examples -> a Batch of [len(rows), length] with segment ids, per-sample
     positions and sample lengths [B, max_samples]; the vision frames (every image of every
-    sample, row-major) in a power-of-two bucket of at least min_frames."""
+    sample, row-major) in a bucket of at least min_frames with at most a quarter of padding
+    (four buckets per doubling, as frame lengths: a power of two would leave 32 frames for 17
+    images)."""
     b = len(rows)
     ids = np.zeros((b, length), np.int32)
     mask = np.zeros((b, length), np.int32)
@@ -92,7 +95,7 @@ def collate_packed(rows: list[list[Example]], length: int, cfg: Qwen3VLConfig, m
             at += n
     flat = [ex for examples in rows for ex in examples]
     frames = sum(0 if ex.image_grid_thw is None else int(ex.image_grid_thw[:, 0].sum()) for ex in flat)
-    vision, visual_index = vision_batch(flat, ids, mask, cfg, next_pow2(max(frames, 1), max(min_frames, 1)))
+    vision, visual_index = vision_batch(flat, ids, mask, cfg, frame_bucket(max(frames, 1), max(min_frames, 1)))
     return Batch(input_ids=ids, attention_mask=mask, position_ids=positions, vision=vision, visual_index=visual_index,
                  loss_mask=loss, segment_ids=segments, sample_lengths=sample_lengths)
 
