@@ -94,10 +94,10 @@ def sample_masks(masks: TokenMasks) -> Array:
     return masks.valid[..., None] if masks.segments is None else masks.segments
 
 
-def same_sample(masks: TokenMasks) -> Array:
-    """[B, T, T] bool: tokens q and t belong to the same sample (everything, unpacked)."""
+def same_sample(masks: TokenMasks) -> Array | None:
+    """[B, T, T] bool: tokens q and t belong to the same sample; None unpacked (all of them)."""
     if masks.segments is None:
-        return jnp.ones(masks.valid.shape + masks.valid.shape[-1:], bool)
+        return None
     ids = jnp.argmax(masks.segments, axis=-1)
     return ids[:, :, None] == ids[:, None, :]
 
@@ -413,9 +413,9 @@ class DepthAggregation(nn.Module):
                 aux = (depth_ok,)
             else:
                 if per_token:  # position i reads its sample's readable tokens (<= i when causal)
-                    allowed = same & readable[m][:, None, :]
+                    allowed = readable[m][:, None, :] if same is None else same & readable[m][:, None, :]
                     if causal:
-                        allowed = allowed & jnp.tril(jnp.ones(allowed.shape[1:], bool))[None]
+                        allowed = allowed & jnp.tril(jnp.ones((h.shape[1],) * 2, bool))[None]
                 else:  # sample k reads its readable tokens
                     allowed = jnp.moveaxis(samples, 2, 1) & readable[m][:, None, :]
                 read = functools.partial(cross_depth_attention, num_heads=self.num_heads, eps=self.eps)

@@ -164,13 +164,13 @@ def test_cache_schedule_doubles_up_to_the_budget():
 
 
 def test_a_growing_cache_decodes_as_one_sized_for_the_whole_budget(tiny, monkeypatch):
-    """Segments of 2 new tokens (the cache grown 2 -> 4 -> 8 -> 11) give the tokens and logits
-    of one cache of 11; when every row has stopped the cache is not grown again."""
+    """Segments of 2 new tokens (the cache grown 2 -> 4 -> 7) give the tokens and logits of one
+    cache of 7; when every row has stopped the cache is not grown again."""
     from iada_jax.evaluation import generate as gen_module
 
     model, _ = tiny
     ids, mask, pv, grid = prompts(True)
-    cfg = GenerationConfig(max_new_tokens=11, suppress_token_ids=SUPPRESS)
+    cfg = GenerationConfig(max_new_tokens=7, suppress_token_ids=SUPPRESS)
     whole_tokens, whole_logits = generate(model, ids, mask, pv, grid, config=cfg, return_logits=True)
     grown = []
     grow = gen_module._grow
@@ -179,9 +179,9 @@ def test_a_growing_cache_decodes_as_one_sized_for_the_whole_budget(tiny, monkeyp
     tokens, logits = generate(model, ids, mask, pv, grid, config=cfg, return_logits=True)
     np.testing.assert_array_equal(tokens, whole_tokens)
     assert np.abs(logits - whole_logits).max() < 1e-5
-    assert grown == [ids.shape[1] + n for n in (4, 8, 11)]
+    assert grown == [ids.shape[1] + n for n in (4, 7)]
     grown.clear()
     stop = (int(whole_tokens[0, 1]), int(whole_tokens[1, 1]))  # both rows stop at their second token
     out = generate(model, ids, mask, pv, grid, config=GenerationConfig(
-        max_new_tokens=11, suppress_token_ids=SUPPRESS, stop_token_ids=stop, pad_token_id=-1))
+        max_new_tokens=7, suppress_token_ids=SUPPRESS, stop_token_ids=stop, pad_token_id=-1))
     assert (out[:, 2:] == -1).all() and grown == []
