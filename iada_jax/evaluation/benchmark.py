@@ -6,12 +6,15 @@ A benchmark is a module in `iada_jax/evaluation/benchmarks/` with:
     TITLE           column title in the paper's Table 1, e.g. "MMMU"
     GROUP           "reasoning" or "perception" (the paper's R-Avg / P-Avg)
     DATASET, SPLIT  the Hugging Face data set id and split lmms-eval evaluates
-    MAX_NEW_TOKENS  generation budget for one answer
+    MAX_NEW_TOKENS  generation budget for one answer (lmms-eval 0.7.3's, for its qwen3_vl model)
     load(source, limit=None) -> list[Sample]
         source: a local parquet / json / jsonl / arrow file, a save_to_disk folder, or a data
         set name the local `datasets` cache has, in the benchmark's own HF schema.
+        A benchmark with PROMPT_STYLES ("default", "qwen3_vl") also takes prompt_style=; one
+        with VARIANTS (MathVista's prompts) takes variant= (runner.load_kwargs passes them).
     score(samples, predictions) -> dict
-        {"score": the Table 1 number (0-100), ...the benchmark's other metrics}
+        {"score": the Table 1 number (0-100), ...the benchmark's other metrics,
+         "lmms_eval": {metric: value} as lmms-eval's own aggregations return them}
     write_fixture(folder, num=8, seed=0) -> str
         a tiny data set in the benchmark's real schema (images included); returns what load takes.
 
