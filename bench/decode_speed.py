@@ -33,9 +33,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
-import shlex
 import statistics
 import sys
 import time
@@ -214,16 +211,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.repeats < 1 or args.new < 1:
         ap.error("--repeats and --new must be at least 1")
-    from bench.train_step import versions
+    from bench.train_step import emit_row
 
     row = run(args)
-    row.update(versions=versions(), device=row["jax"]["device"],
-               command="python -m bench.decode_speed " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])))
-    print(json.dumps(row))
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(row, f, indent=1)
+    row.update(device=row["jax"]["device"])
+    emit_row(row, "bench.decode_speed", argv, args.out)
     return 0 if row["status"] == "ok" else 2
 
 

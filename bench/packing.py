@@ -20,21 +20,21 @@ import os
 import sys
 import time
 
-import numpy as np
+from iada_jax.data.packing import packing_stats
 
 
 def plan_stats(data, plan, packed: bool) -> dict:
-    lengths = data.index.lengths
-    rows = [i for _, batch in plan for r in batch for i in (r if packed else [r])]
-    slots = sum(length * len(batch) for length, batch in plan)
-    real = int(lengths[rows].sum()) if rows else 0
-    out = {"batches": len(plan), "rows_placed": len(rows), "rows_usable": len(data.usable_rows),
-           "token_slots": int(slots), "real_tokens": real, "real_fraction": real / slots if slots else 0.0}
+    out = {"batches": len(plan), "rows_usable": len(data.usable_rows)}
     if packed:
-        per_row = [len(r) for _, batch in plan for r in batch if r]
-        out.update(packed_rows=len(per_row), samples_per_row=float(np.mean(per_row)), max_samples=max(per_row),
-                   empty_rows=sum(1 for _, batch in plan for r in batch if not r))
-    return out
+        out.update(packing_stats([r for _, batch in plan for r in batch], data.index.lengths, data.cfg.max_length))
+        out.update(rows_placed=sum(len(r) for _, batch in plan for r in batch), packed_rows=out["rows"] - out["empty_rows"],
+                   max_samples=out["max_samples_in_a_row"])
+        return out
+    rows = [r for _, batch in plan for r in batch]
+    slots = sum(length * len(batch) for length, batch in plan)
+    real = int(data.index.lengths[rows].sum()) if rows else 0
+    return dict(out, rows_placed=len(rows), token_slots=int(slots), real_tokens=real,
+                real_fraction=real / slots if slots else 0.0)
 
 
 def main(argv=None) -> int:
@@ -72,8 +72,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     result["packed"] = plan_stats(data, data.epoch_plan(0), packed=True)
     result["packed"]["plan_s"] = time.perf_counter() - t0
-    result["command"] = "python -m bench.packing --data $DATA " + " ".join(argv if argv is not None else sys.argv[1:]).replace(
-        args.data, "").replace("--data", "").strip()
+    result["command"] = (f"python -m bench.packing --data $DATA --max-length {args.max_length} --batch-size "
+                         f"{args.batch_size} --samples {args.samples} --window {args.window}")
     with open(os.path.join(data_dir, "packing.json"), "w") as f:
         json.dump(result, f, indent=1)
     b, p = result["bucketed"], result["packed"]

@@ -486,6 +486,18 @@ def measure_torch(cfg, case: Case, args) -> dict:
 # ----------------------------------------------------------------------------- report
 
 
+def emit_row(row: dict, module: str, argv, out: str | None) -> None:
+    """A bench row with the versions and the command that made it: printed as one JSON line
+    (what bench/device_run.py reads), and written to `out` when given."""
+    row.update(versions=versions(), command=f"python -m {module} " + " ".join(shlex.quote(a) for a in
+                                                                               (argv or sys.argv[1:])))
+    print(json.dumps(row))
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            json.dump(row, f, indent=1)
+
+
 def versions() -> dict:
     """Installed versions (read from package metadata: nothing is imported or initialised)."""
     from importlib import metadata
@@ -571,13 +583,8 @@ def main(argv=None) -> int:
         row = measure_layouts(cfg, args)
     else:
         row = (measure_jax if args.stack == "jax" else measure_torch)(cfg, case, args)
-    row.update(device=device, versions=versions(),
-               command="python -m bench.train_step " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])))
-    print(json.dumps(row))
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(row, f, indent=1)
+    row.update(device=device)
+    emit_row(row, "bench.train_step", argv, args.out)
     return 0
 
 

@@ -12,13 +12,12 @@ import random
 import string
 import types
 
+import lmms_reference as lmms
 import numpy as np
 import pytest
 
 from iada_jax.evaluation.benchmark import open_dataset
 from iada_jax.evaluation.benchmarks import PAPER, get_benchmark, mathvista, mcq
-
-lmms = pytest.importorskip("tests.lmms_reference")
 
 
 @pytest.fixture(scope="module")

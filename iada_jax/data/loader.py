@@ -132,12 +132,12 @@ class SFTData:
     def describe(self) -> str:
         text = describe(self.index, self.cfg.text_buckets(), self.cfg.max_images)
         if self.cfg.pack:
+            from iada_jax.data.packing import packing_stats
+
             plan = self.epoch_plan(0)
-            rows = [r for _, batch in plan for r in batch if r]
-            real = int(sum(self.index.lengths[r].sum() for r in rows))
-            slots = self.cfg.max_length * sum(len(batch) for _, batch in plan)
-            text += (f"\npacked (--pack): {len(rows)} rows of {self.cfg.max_length} tokens, "
-                     f"{np.mean([len(r) for r in rows]):.2f} samples a row, {real / slots:.1%} of token slots real, "
+            s = packing_stats([r for _, batch in plan for r in batch], self.index.lengths, self.cfg.max_length)
+            text += (f"\npacked (--pack): {s['rows'] - s['empty_rows']} rows of {self.cfg.max_length} tokens, "
+                     f"{s['samples_per_row']:.2f} samples a row, {s['real_fraction']:.1%} of token slots real, "
                      f"{len(plan)} batches an epoch")
         return text
 
@@ -192,8 +192,11 @@ class SFTData:
     def make_batch(self, length: int, rows: list, pool=None) -> Batch:
         """The batch of a plan entry (rows, or packed rows: lists of rows)."""
         mapper = pool.map if pool is not None else map
-        flat = [i for r in rows for i in r] if self.cfg.pack else rows
-        return self._collate(length, rows, list(mapper(self.load_example, flat)))
+        return self._collate(length, rows, list(mapper(self.load_example, self._flat(rows))))
+
+    def _flat(self, rows: list) -> list[int]:
+        """The data set rows of a plan entry, in collation order."""
+        return [i for r in rows for i in r] if self.cfg.pack else rows
 
     def _collate(self, length: int, rows: list, examples: list[Example]) -> Batch:
         if not self.cfg.pack:
@@ -237,8 +240,8 @@ class SFTData:
                 with concurrent.futures.ThreadPoolExecutor(self.cfg.workers + 1) as pool:
                     ahead = None
                     for position, (length, rows) in positions():
-                        flat = [i for r in rows for i in r] if self.cfg.pack else rows
-                        submitted = (position, length, rows, [pool.submit(self.load_example, i) for i in flat])
+                        submitted = (position, length, rows,
+                                     [pool.submit(self.load_example, i) for i in self._flat(rows)])
                         if ahead is not None and not put(self._collated(*ahead)):
                             return
                         ahead = submitted

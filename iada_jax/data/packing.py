@@ -101,8 +101,11 @@ def collate_packed(rows: list[list[Example]], length: int, cfg: Qwen3VLConfig, m
 
 
 def packing_stats(packed: list[list[int]], lengths: np.ndarray, capacity: int) -> dict:
-    """Real tokens per token slot of a plan's packed rows, and samples per row."""
-    used = np.asarray([int(lengths[r].sum()) for r in map(np.asarray, packed)], np.int64)
-    return {"rows": len(packed), "real_fraction": float(used.sum() / (capacity * max(len(packed), 1))),
-            "samples_per_row": float(np.mean([len(p) for p in packed])) if packed else 0.0,
-            "max_samples_in_a_row": max((len(p) for p in packed), default=0)}
+    """Token slots, real tokens and their fraction over a plan's packed rows (empty rows, which
+    complete a last batch, count as slots); samples per non-empty row."""
+    used = [len(p) for p in packed if len(p)]
+    real = int(sum(int(lengths[np.asarray(p, np.int64)].sum()) for p in packed if len(p)))
+    slots = capacity * len(packed)
+    return {"rows": len(packed), "empty_rows": len(packed) - len(used), "token_slots": slots, "real_tokens": real,
+            "real_fraction": real / slots if slots else 0.0,
+            "samples_per_row": float(np.mean(used)) if used else 0.0, "max_samples_in_a_row": max(used, default=0)}

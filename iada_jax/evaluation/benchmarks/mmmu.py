@@ -92,9 +92,11 @@ def _sample(row: dict, where: str, style: str) -> Sample:
     question = mcq.field(row, "question", where, DATASET)
     kind = mcq.field(row, "question_type", where, DATASET)
     answer = str(mcq.field(row, "answer", where, DATASET)).strip()
-    options = parse_options(mcq.field(row, "options", where, DATASET), where) if kind == MULTIPLE_CHOICE else None
+    # The qwen3_vl prompt lists the options cell of open questions too (usually "[]").
+    listed = parse_options(mcq.field(row, "options", where, DATASET), where) \
+        if kind == MULTIPLE_CHOICE or style == "qwen3_vl" else ()
+    options = listed if kind == MULTIPLE_CHOICE else None
     letters = mcq.letters_for(options, where) if options is not None else None
-    listed = parse_options(mcq.field(row, "options", where, DATASET), where) if style == "qwen3_vl" else ()
     prompt = build_prompt(question, options, style, listed)
     if letters is not None and answer not in letters:
         raise ValueError(f"{where}: answer {answer!r} is not one of the option letters {letters}")
