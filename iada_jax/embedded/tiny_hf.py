@@ -11,14 +11,25 @@ import numpy as np
 
 # Token ids of the tiny vocabulary: ordinary text ids stay below TEXT_VOCAB.
 TEXT_VOCAB = 280
-SPECIAL_IDS = dict(image_token_id=290, video_token_id=291, vision_start_token_id=292, vision_end_token_id=293)
+
+
+def special_ids(text_vocab: int = TEXT_VOCAB) -> dict[str, int]:
+    """The vision token ids of a tiny vocabulary whose special block starts at `text_vocab`
+    (tiny_tokenizer's layout)."""
+    return dict(image_token_id=text_vocab + 10, video_token_id=text_vocab + 11,
+                vision_start_token_id=text_vocab + 12, vision_end_token_id=text_vocab + 13)
+
+
+SPECIAL_IDS = special_ids()
 
 
 def hf_config(
     *, layers=4, hidden=64, heads=4, kv_heads=2, head_dim=24, mrope=(4, 4, 4), tied=True,
     attention_bias=False, intermediate=96, vocab=300, vision_depth=2, deepstack=(0, 1), merge=2,
+    vision_hidden=32, vision_intermediate=64, vision_heads=2, text_vocab=TEXT_VOCAB,
 ):
-    """A `transformers.Qwen3VLConfig` of a few-kilobyte model (same structure as the real ones)."""
+    """A `transformers.Qwen3VLConfig` of a few-kilobyte model (same structure as the real ones);
+    its vision token ids are `special_ids(text_vocab)`."""
     from transformers import Qwen3VLConfig
 
     return Qwen3VLConfig(
@@ -30,12 +41,13 @@ def hf_config(
                              "mrope_interleaved": True},
         ),
         vision_config=dict(
-            depth=vision_depth, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden,
+            depth=vision_depth, hidden_size=vision_hidden, intermediate_size=vision_intermediate,
+            num_heads=vision_heads, out_hidden_size=hidden,
             patch_size=4, num_position_embeddings=16, deepstack_visual_indexes=list(deepstack),
             spatial_merge_size=merge,
         ),
         tie_word_embeddings=tied,
-        **SPECIAL_IDS,
+        **special_ids(text_vocab),
     )
 
 

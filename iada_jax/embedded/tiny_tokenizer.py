@@ -59,11 +59,15 @@ CHAT_TEMPLATE = (
 )
 
 
-def special_token_layout() -> list[str]:
-    """Tokens of ids 280..299 in order, reserved fillers included."""
-    by_id = {i: t for t, i in SPECIAL_TOKENS.items()}
+SPECIALS = VOCAB - TEXT_VOCAB  # the special block after the ordinary tokens
+
+
+def special_token_layout(text_vocab: int = TEXT_VOCAB) -> list[str]:
+    """Tokens of ids text_vocab .. text_vocab + 19 in order (280..299 by default), reserved
+    fillers included."""
+    by_id = {i - TEXT_VOCAB + text_vocab: t for t, i in SPECIAL_TOKENS.items()}
     out, k = [], 0
-    for i in range(TEXT_VOCAB, VOCAB):
+    for i in range(text_vocab, text_vocab + SPECIALS):
         if i not in by_id:
             by_id[i] = f"<|reserved_{k}|>"
             k += 1
@@ -71,9 +75,9 @@ def special_token_layout() -> list[str]:
     return out
 
 
-def _train_bpe():
-    """Byte-level BPE of exactly TEXT_VOCAB ordinary tokens (GPT-2 regex split, no prefix space:
-    decode(encode(s)) == s)."""
+def _train_bpe(corpus: str | None = None, text_vocab: int = TEXT_VOCAB):
+    """Byte-level BPE of exactly `text_vocab` ordinary tokens (GPT-2 regex split, no prefix
+    space: decode(encode(s)) == s), trained on `corpus` (default: the shapes data's text)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     from iada_jax.embedded.synthetic import corpus_text
@@ -83,34 +87,38 @@ def _train_bpe():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=TEXT_VOCAB, min_frequency=2, special_tokens=[], show_progress=False,
+        vocab_size=text_vocab, min_frequency=2, special_tokens=[], show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tok.train_from_iterator(corpus_text().splitlines(keepends=True), trainer=trainer)
+    text = corpus_text() if corpus is None else corpus
+    tok.train_from_iterator(text.splitlines(keepends=True), trainer=trainer)
     n = tok.get_vocab_size()
-    if n != TEXT_VOCAB:
-        raise RuntimeError(f"BPE training gave {n} ordinary tokens, expected {TEXT_VOCAB}")
+    if n != text_vocab:
+        raise RuntimeError(f"BPE training gave {n} ordinary tokens, expected {text_vocab} (a corpus too small "
+                           "for that many merges?)")
     return tok
 
 
-def build_tokenizer(path: str):
-    """Build the tiny tokenizer, `save_pretrained` it to `path`, and return it.
+def build_tokenizer(path: str, corpus: str | None = None, text_vocab: int = TEXT_VOCAB):
+    """Build the tiny tokenizer, `save_pretrained` it to `path`, and return it. `corpus` and
+    `text_vocab` give another vocabulary of the same layout (the special block at text_vocab;
+    the reasoning-tax study's world); `tiny_hf.special_ids(text_vocab)` are its model ids.
 
     Reload with `transformers.AutoTokenizer.from_pretrained(path)`.
     """
     from tokenizers import AddedToken
     from transformers import PreTrainedTokenizerFast
 
-    tok = _train_bpe()
-    layout = special_token_layout()
+    tok = _train_bpe(corpus, text_vocab)
+    layout = special_token_layout(text_vocab)
     # Added one by one, in id order: each gets the next free id (280, 281, ...).
     for t in layout:
         tok.add_special_tokens([AddedToken(t, special=True, normalized=False)])
-    for i, t in enumerate(layout, start=TEXT_VOCAB):
+    for i, t in enumerate(layout, start=text_vocab):
         if tok.token_to_id(t) != i:
             raise RuntimeError(f"{t} got id {tok.token_to_id(t)}, expected {i}")
-    if tok.get_vocab_size() != VOCAB:
-        raise RuntimeError(f"vocabulary has {tok.get_vocab_size()} ids, expected {VOCAB}")
+    if tok.get_vocab_size() != text_vocab + SPECIALS:
+        raise RuntimeError(f"vocabulary has {tok.get_vocab_size()} ids, expected {text_vocab + SPECIALS}")
 
     hf = PreTrainedTokenizerFast(
         tokenizer_object=tok,

@@ -168,7 +168,18 @@ class Evaluator:
 
     # ------------------------------------------------------------------ one benchmark
     def run(self, bench, source: str, out_dir: str) -> dict:
-        """Load, answer, score one benchmark; writes <out>/<name>/predictions.jsonl and scores.json."""
+        """Load, answer, score one benchmark; writes <out>/<name>/predictions.jsonl and scores.json.
+        A benchmark with a SYSTEM_PROMPT of its own (the world's sets: None) is asked with it."""
+        if not hasattr(bench, "SYSTEM_PROMPT"):
+            return self._run(bench, source, out_dir)
+        cfg = self.cfg
+        self.cfg = dataclasses.replace(cfg, system_prompt=bench.SYSTEM_PROMPT)
+        try:
+            return self._run(bench, source, out_dir)
+        finally:
+            self.cfg = cfg
+
+    def _run(self, bench, source: str, out_dir: str) -> dict:
         samples = bench.load(source, self.cfg.limit, **load_kwargs(bench, self.cfg))
         folder = os.path.join(out_dir, bench.NAME)
         os.makedirs(folder, exist_ok=True)
