@@ -1,4 +1,4 @@
-"""Fine-tune Qwen3-VL with LoRA + IADA (or any experiment of the paper).
+"""Fine-tune Qwen3-VL with LoRA + IADA (or any experiment of the paper, or every weight: --exp full).
 
     python train.py                                  # embedded default: tiny model, synthetic data, CPU
     python train.py --model CKPT --data PATH --exp D_iada_lora --out runs/d \\
@@ -31,6 +31,8 @@ HELP = {
     "workers": "processes that build the data index, threads that decode images (default 2)",
     "init_adapters": "start from trained adapters: a run directory or an adapters folder "
                      "(python -m convert import-peft turns a PEFT LoRA adapter into one)",
+    "base_lr": "peak learning rate of the base's own weights, with --exp full (AdamW on a float32 master "
+               "copy, the schedule of the adapters; default 1e-4)",
 }
 
 
@@ -74,7 +76,7 @@ def parse(argv=None) -> TrainConfig:
                 args[name] = value
         # Sized for 2 CPU cores: float32 (CPU bf16 matmuls are slow), short buckets.
         for name, value in dict(dtype="float32", param_dtype="float32", remat="none", max_length=128,
-                                buckets=(128,), lora_lr=2e-3, iada_lr=1e-2, steps=300, batch_size=8,
+                                buckets=(128,), lora_lr=2e-3, iada_lr=1e-2, base_lr=1e-3, steps=300, batch_size=8,
                                 grad_accum=1, warmup_ratio=0.05).items():
             if args[name] == defaults.get(name, ()) or (name == "buckets" and not args[name]):
                 args[name] = value
@@ -93,7 +95,8 @@ def main(argv=None) -> int:
         k = max(1, len(losses) // 10)
         print(f"loss: first {sum(losses[:k]) / k:.4f} -> last {sum(losses[-k:]) / k:.4f} over {summary['step']} steps")
     if summary.get("loss_png"):
-        print(f"run: {cfg.out} (metrics.jsonl, tensorboard/, loss.png, final/)")
+        model = ", final/model/" if summary.get("model_dir") else ""
+        print(f"run: {cfg.out} (metrics.jsonl, tensorboard/, loss.png, final/{model})")
     return 0
 
 

@@ -8,7 +8,9 @@ An adapters folder (written by `python -m convert import-peft`, read by `train.p
     params/         orbax tree {"lora": ..., "iada": ...}, storage layout, float32
 
 A run directory (train.py --out) holds the same information in config.json (the experiment's
-LoRA and IADA configs, the model path) and final/ or checkpoints/<step>/state.
+LoRA and IADA configs, the model path) and final/ or checkpoints/<step>/state. A run that
+trained the base itself (experiment `full`) has no adapters: its model is RUN/final/model,
+a base checkpoint to pass as --model.
 """
 
 from __future__ import annotations
@@ -101,6 +103,10 @@ def _load_run(run_dir: str, step: int | None) -> TrainedAdapters:
                            f"(no {META_FILE})")
     with open(config_path) as f:
         run = json.load(f)
+    if run.get("base"):
+        model = os.path.join(run_dir, "final", "model")
+        raise AdapterError(f"{run_dir}: a full-parameter run (experiment {run.get('train', {}).get('exp')!r}) trained "
+                           f"the base itself and has no adapters; pass its model {model} as --model instead")
     if step is None:
         weights = os.path.join(run_dir, "final")
         if not os.path.isdir(weights):

@@ -1,7 +1,8 @@
 """Named experiments: the paper's conditions A-D and every row of its ablation tables.
 
-Each is a LoRA config and an IADA config (either may be absent); `train.py --exp NAME` runs
-one. `paper_iada_params` is the "AttnRes Params" figure the paper prints for the row (None
+Each is a LoRA config and an IADA config (either may be absent), and whether the base model's
+own weights train (`base`: every weight, the vision tower included; `full`, beyond the paper);
+`train.py --exp NAME` runs one. `paper_iada_params` is the "AttnRes Params" figure the paper prints for the row (None
 where it prints none); `python -m iada_jax.params` sets our counts beside it.
 Rows are named by the paper's own words; tables list where a row appears (Table 9 repeats
 the full benchmark breakdown of all of them).
@@ -23,10 +24,11 @@ class Experiment:
     iada: IadaConfig | None = IadaConfig()
     paper_iada_params: str | None = None
     note: str = ""
+    base: bool = False  # every weight of the base trains (vision tower included), from a float32 master copy
 
     @property
     def trains(self) -> bool:
-        return self.lora is not None or self.iada is not None
+        return self.lora is not None or self.iada is not None or self.base
 
 
 def _iada(**kw) -> IadaConfig:
@@ -102,6 +104,9 @@ _EXPERIMENTS = [
                ("beyond the paper",), iada=_iada(scope="causal")),
     Experiment("D_attend_depth", "D attending over depth per token (Attention Residuals style)",
                ("beyond the paper",), iada=_iada(attend="depth")),
+    # Beyond the paper: training the base itself (a model trained from random initialisation).
+    Experiment("full", "Full-parameter training: every weight of the base, vision tower included (no adapters)",
+               ("beyond the paper",), lora=None, iada=None, base=True),
 ]
 
 EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in _EXPERIMENTS}

@@ -1,9 +1,9 @@
 """Trainable-parameter report: `python -m iada_jax.params [--exp NAME ...] [--config PATH]`.
 
-Counts the LoRA and IADA variables each experiment creates, at the Qwen3-VL-2B dimensions
-by default (or those of a config.json), without materialising anything: the base params
-and the adapter init are both traced with `jax.eval_shape`. The paper's figure for the row
-is printed beside ours.
+Counts the LoRA and IADA variables each experiment creates, and the base's own weights for an
+experiment that trains them (`full`), at the Qwen3-VL-2B dimensions by default (or those of a
+config.json), without materialising anything: the base params and the adapter init are both
+traced with `jax.eval_shape`. The paper's figure for the row is printed beside ours.
 """
 
 from __future__ import annotations
@@ -44,32 +44,46 @@ def abstract_base_params(cfg: Qwen3VLConfig) -> dict:
     return jax.eval_shape(init)
 
 
+def base_param_count(cfg: Qwen3VLConfig) -> int:
+    """Every weight of the base model, vision tower included: the tensors of its converted
+    checkpoint (the converter's mapping table; `abstract_base_params` traces a text-only batch,
+    which leaves the tower out)."""
+    from convert.mapping import mapping_table
+
+    return sum(math.prod(rule.jax_shape) for rule in mapping_table(cfg))
+
+
 def count_trainable(exp: Experiment, cfg: Qwen3VLConfig, base=None) -> dict[str, int]:
-    """{"lora": n, "iada": n} for one experiment (0 for an absent collection)."""
+    """{"lora": n, "iada": n, "base": n} for one experiment (0 for what it does not train; "base":
+    every weight of the base model, vision tower included, when the experiment trains it)."""
     if not exp.trains:
-        return {"lora": 0, "iada": 0}
+        return {"lora": 0, "iada": 0, "base": 0}
     base = abstract_base_params(cfg) if base is None else base
+    n_base = base_param_count(cfg) if exp.base else 0
     block = exp.iada.block_size if exp.iada is not None else 1
     fwd = ForwardConfig(block_size=block)
     shapes = jax.eval_shape(
         lambda p: init_adapters(jax.random.PRNGKey(0), p, cfg=cfg, fwd=fwd, lora=exp.lora, iada=exp.iada), base
     )
-    return {c: sum(math.prod(x.shape) for x in jax.tree.leaves(shapes.get(c, {}))) for c in ("lora", "iada")}
+    counts = {c: sum(math.prod(x.shape) for x in jax.tree.leaves(shapes.get(c, {}))) for c in ("lora", "iada")}
+    return dict(counts, base=n_base)
 
 
 def report(experiments: list[Experiment], cfg: Qwen3VLConfig, out=None) -> list[dict]:
     out = out or sys.stdout
     base = abstract_base_params(cfg)
     rows = []
-    print(f"{'experiment':38s} {'LoRA':>11s} {'IADA':>11s} {'IADA≈':>7s} {'paper':>7s}  match", file=out)
+    print(f"{'experiment':38s} {'LoRA':>11s} {'IADA':>11s} {'base':>14s} {'IADA≈':>7s} {'paper':>7s}  match", file=out)
     for exp in experiments:
         name = exp.name
         n = count_trainable(exp, cfg, base)
         ours = paper_format(n["iada"]) if exp.iada is not None else "-"
         paper = exp.paper_iada_params or "-"
         match = "" if exp.paper_iada_params is None else ("yes" if ours == paper else "NO")
-        rows.append(dict(name=name, lora=n["lora"], iada=n["iada"], ours=ours, paper=paper, match=match, note=exp.note))
-        print(f"{name:38s} {n['lora']:>11,d} {n['iada']:>11,d} {ours:>7s} {paper:>7s}  {match}", file=out)
+        rows.append(dict(name=name, lora=n["lora"], iada=n["iada"], base=n["base"], ours=ours, paper=paper, match=match,
+                         note=exp.note))
+        print(f"{name:38s} {n['lora']:>11,d} {n['iada']:>11,d} {n['base']:>14,d} {ours:>7s} {paper:>7s}  {match}",
+              file=out)
     notes = [r for r in rows if r["note"] and r["match"] == "NO"]
     for r in notes:
         print(f"\n{r['name']}: {r['note']}.", file=out)

@@ -31,7 +31,7 @@ def test_exact_counts_of_the_spec(base_2b):
     assert count_trainable(EXPERIMENTS["adaptive_no_split"], cfg, base_2b)["iada"] == 67_601
     # LoRA r=16 on the seven linear layers of 28 layers: 16 * 28 * sum(in + out).
     per_layer = (2048 + 2048) + 2 * (2048 + 1024) + (2048 + 2048) + 2 * (2048 + 6144) + (6144 + 2048)
-    assert count_trainable(EXPERIMENTS["B_lora"], cfg, base_2b) == {"lora": 16 * 28 * per_layer, "iada": 0}
+    assert count_trainable(EXPERIMENTS["B_lora"], cfg, base_2b) == {"lora": 16 * 28 * per_layer, "iada": 0, "base": 0}
 
 
 def test_report_names_the_rows_it_cannot_reproduce(capsys):

@@ -2,8 +2,8 @@
 
 Mirrors `Qwen3VLForConditionalGeneration` (transformers 5.23.0). The parameter tree keeps
 HF's module paths: {"model": {"language_model": ..., "visual": ...}, "lm_head": ...}.
-The vision tower is frozen: its outputs pass through `stop_gradient`, so no backward pass
-runs through it.
+The vision tower is frozen by default (`frozen_vision`): its outputs pass through
+`stop_gradient`, so no backward pass runs through it; full-parameter training turns that off.
 """
 
 from __future__ import annotations
@@ -32,14 +32,17 @@ class LanguageModelWrapper(nn.Module):
     keep_hidden: bool = False
     adapters: Adapters = NO_ADAPTERS
     cache_mode: str = "none"
+    frozen_vision: bool = True  # stop_gradient on the tower's outputs (False: the base trains)
 
     def setup(self):
         self.language_model = TextModel(self.cfg.text, self.fwd, self.keep_hidden, self.adapters, self.cache_mode)
         self.visual = VisionModel(self.cfg.vision, jnp.dtype(self.fwd.dtype), self.fwd.attention)
 
     def vision_features(self, batch: Batch):
-        """(merged [Nv, D], DeepStack [K, Nv, D]) of the batch's images and videos, frozen."""
-        return jax.lax.stop_gradient(self.visual(batch.vision))
+        """(merged [Nv, D], DeepStack [K, Nv, D]) of the batch's images and videos; frozen (no
+        gradient flows back into the tower) unless the base trains."""
+        features = self.visual(batch.vision)
+        return jax.lax.stop_gradient(features) if self.frozen_vision else features
 
     def __call__(self, batch: Batch, cache: KVCache | None = None):
         embeds = self.language_model.embed_tokens(batch.input_ids)
@@ -72,6 +75,7 @@ class Qwen3VLForConditionalGeneration(nn.Module):
     adapters: Adapters = NO_ADAPTERS
     cache_mode: str = "none"
     logits: bool = True  # False: return the final normed hidden states instead (the loss head's input)
+    frozen_vision: bool = True  # False: gradients reach the vision tower (full-parameter training)
 
     @nn.compact
     def __call__(self, batch: Batch, cache: KVCache | None = None):
@@ -83,7 +87,7 @@ class Qwen3VLForConditionalGeneration(nn.Module):
         output of each decoder layer (the last one before the final norm).
         """
         model = LanguageModelWrapper(self.cfg, self.fwd, self.keep_hidden, self.adapters, self.cache_mode,
-                                     name="model")
+                                     self.frozen_vision, name="model")
         h, embeds, hidden, cache = model(batch, cache)
         if not self.logits:
             logits = h
@@ -156,13 +160,14 @@ def _adapters(lora: LoraConfig | None, iada: IadaConfig | None, fwd: ForwardConf
 
 def forward(params: dict, batch: Batch, *, cfg: Qwen3VLConfig, fwd: ForwardConfig, keep_hidden: bool = False,
             lora: LoraConfig | None = None, iada: IadaConfig | None = None, adapters: dict | None = None,
-            dropout_rng: jax.Array | None = None, logits: bool = True):
+            dropout_rng: jax.Array | None = None, logits: bool = True, frozen_vision: bool = True):
     """Pure forward over storage-layout params (and adapter variables). Jit with cfg, fwd,
-    keep_hidden, lora, iada and logits static. LoRA dropout runs iff `dropout_rng` is given.
-    logits=False returns the final normed hidden states [B, T, D] in place of the logits."""
+    keep_hidden, lora, iada, logits and frozen_vision static. LoRA dropout runs iff `dropout_rng`
+    is given. logits=False returns the final normed hidden states [B, T, D] in place of the
+    logits. frozen_vision=False lets gradients reach the vision tower (the base trains)."""
     fwd.check(cfg.text)
     module = Qwen3VLForConditionalGeneration(cfg, fwd, keep_hidden, _adapters(lora, iada, fwd, dropout_rng is None),
-                                             logits=logits)
+                                             logits=logits, frozen_vision=frozen_vision)
     rngs = {} if dropout_rng is None else {"dropout": dropout_rng}
     return module.apply(module_variables(params, adapters, fwd), batch, rngs=rngs)
 

@@ -2,7 +2,10 @@
 
 A run directory holds config.json (this run's settings), checkpoints/<step> (orbax: train
 state + data position, asynchronous, the last K kept), metrics.jsonl, tensorboard/ and,
-at the end, loss.png and final/ (the trainable collections only).
+at the end, loss.png and final/ (the trainable collections only). A run that trains the base
+(experiment `full`) also writes final/model/: the trained base as a converted checkpoint
+(float32, with the --model folder's config, tokenizer and processor files), which
+`load_pretrained`, `train.py --model` and `eval.py --model` read like any other.
 
 Exact resume: the data plan is a pure function of (seed, epoch), the dropout key a pure
 function of (seed, step, micro-batch), and checkpoints are taken at optimizer-step
@@ -22,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from iada_jax.checkpoint import save_params
+from iada_jax.checkpoint import save_params, tree_specs, write_base_checkpoint, write_folder_atomically
 from iada_jax.config import ForwardConfig
 from iada_jax.data.image_processing import ImageProcessorConfig
 from iada_jax.data.loader import DataConfig, SFTData
@@ -35,7 +38,7 @@ from iada_jax.train.sharding import (
     make_mesh,
     param_shardings,
     place_batch,
-    replicated,
+    state_shardings,
     to_host,
 )
 from iada_jax.train.step import TrainProgram
@@ -55,13 +58,14 @@ class TrainConfig:
     lora_r: int | None = None  # override the experiment's LoRA rank (alpha scales with it)
     lora_lr: float = 2e-4
     iada_lr: float = 1e-3
+    base_lr: float = 1e-4  # the base's own weights (experiment full)
     schedule: str = "cosine"
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
     seed: int = 0
     dtype: str = "bfloat16"  # compute; trainable params and optimizer state stay float32
-    param_dtype: str = "bfloat16"  # the frozen base
+    param_dtype: str = "bfloat16"  # the frozen base (a trained base is a float32 master copy)
     remat: str = "full"  # rematerialisation policy of a decoder layer (config.REMAT_POLICIES)
     attention: str = "xla"
     loss_chunk: int = 1024  # tokens per chunk of the loss head (logits [chunk, vocab] at a time)
@@ -103,6 +107,9 @@ def _experiment(cfg: TrainConfig):
     if not exp.trains:
         raise TrainingError(f"experiment {cfg.exp!r} trains nothing (it is the pre-trained baseline)")
     start = None
+    if cfg.init_adapters and exp.base:
+        raise TrainingError(f"--init-adapters: experiment {exp.name!r} trains the base itself and has no adapters to "
+                            "start from; to continue from a full run, pass its RUN/final/model as --model")
     if cfg.init_adapters:
         exp, start = _with_start(cfg, exp)
     return exp, start
@@ -142,12 +149,12 @@ def _start_from(trainable: dict, start, where: str) -> dict:
     return out
 
 
-def _load(cfg: TrainConfig, mesh, log):
+def _load(cfg: TrainConfig, mesh, log, dtype: str):
     """The model with its base weights read a leaf at a time straight onto the mesh (each device
     receives only its shards; no full copy on one device)."""
     from iada_jax.pretrained import load_pretrained
 
-    model = load_pretrained(cfg.model, dtype=cfg.param_dtype,
+    model = load_pretrained(cfg.model, dtype=dtype,
                             shardings=lambda config, params: param_shardings(params, config, mesh))
     log(f"model: {cfg.model} ({model.config.text.num_hidden_layers} layers, d={model.config.text.hidden_size})")
     return model
@@ -194,7 +201,8 @@ def fit(cfg: TrainConfig, log=print) -> dict:
     mesh = make_mesh(cfg.mesh_data, cfg.mesh_fsdp)
     if cfg.batch_size % mesh.size:
         raise TrainingError(f"batch_size={cfg.batch_size} is not a multiple of the {mesh.size} devices of the mesh")
-    model = _load(cfg, mesh, log)
+    # A trained base is read in float32 (its master copy), never rounded through param_dtype.
+    model = _load(cfg, mesh, log, "float32" if exp.base else cfg.param_dtype)
     mcfg = model.config
     block = exp.iada.block_size if exp.iada is not None else model.fwd.block_size
     fwd = ForwardConfig(block_size=block, remat=cfg.remat, attention=cfg.attention, dtype=cfg.dtype)
@@ -204,22 +212,26 @@ def fit(cfg: TrainConfig, log=print) -> dict:
     if per_epoch == 0:
         raise TrainingError(f"fewer usable rows than one batch of {cfg.batch_size} per length bucket")
     total_steps = cfg.steps or max(1, cfg.epochs * per_epoch // cfg.grad_accum)
-    opt_cfg = OptimizerConfig(lora_lr=cfg.lora_lr, iada_lr=cfg.iada_lr, schedule=cfg.schedule,
+    opt_cfg = OptimizerConfig(lora_lr=cfg.lora_lr, iada_lr=cfg.iada_lr, base_lr=cfg.base_lr, schedule=cfg.schedule,
                               warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
                               max_grad_norm=cfg.max_grad_norm)
     program = TrainProgram(mcfg, exp, fwd, opt_cfg, total_steps, cfg.grad_accum, cfg.loss_chunk)
 
-    frozen = {"params": model.params}  # already on the mesh
-    trainable = program.new_adapters(jax.random.PRNGKey(cfg.seed), model.params)
+    frozen = program.frozen(model.params)  # the base, already on the mesh (nothing when it trains)
+    trainable = program.new_trainable(jax.random.PRNGKey(cfg.seed), model.params)
     if start is not None:
         trainable = _start_from(trainable, start, cfg.init_adapters)
         log(f"adapters from {cfg.init_adapters}: {', '.join(sorted(start.variables))}")
-    trainable = jax.device_put(trainable, replicated(mesh))
-    state = program.init_state(trainable, frozen)
+    # Adapters replicated; a trained base's master copy and its optimizer state sharded as the base.
+    shardings = state_shardings(program.abstract_state(trainable, frozen), mcfg, mesh)
+    trainable = jax.device_put(trainable, shardings["trainable"])
+    state = program.init_state(trainable, frozen, shardings)
+    del model, trainable  # the state holds what trains: no second copy of a trained base stays alive
 
     with open(os.path.join(cfg.out, "config.json"), "w") as f:
         json.dump({"train": dataclasses.asdict(cfg), "lora": dataclasses.asdict(exp.lora) if exp.lora else None,
-                   "iada": dataclasses.asdict(exp.iada) if exp.iada else None, "total_steps": total_steps,
+                   "iada": dataclasses.asdict(exp.iada) if exp.iada else None, "base": exp.base,
+                   "total_steps": total_steps,
                    "image": dataclasses.asdict(data.image_config), "index": data.index.path}, f, indent=1)
 
     ckpts = RunCheckpoints(cfg.out, keep=cfg.keep)
@@ -232,6 +244,24 @@ def fit(cfg: TrainConfig, log=print) -> dict:
     elif cfg.resume:
         log("--resume: no checkpoint yet, starting fresh")
     return _loop(cfg, data, state, frozen, program, mesh, ckpts, position, total_steps, log)
+
+
+def _write_model(out_dir: str, params: dict, cfg: TrainConfig, step: int) -> str:
+    """The trained base as a converted checkpoint folder (iada_jax/checkpoint.py), float32: the
+    --model folder's config.json (the architecture is unchanged) and its tokenizer, chat
+    template and processor files, so it is a --model for train.py and eval.py."""
+    from convert.import_hf import copy_aux_files
+
+    with open(os.path.join(cfg.model, "config.json")) as f:
+        hf_config = json.load(f)
+    specs, chunks = tree_specs(params)
+    source = f"train.py --exp {cfg.exp} --out {os.path.abspath(cfg.out)} (step {step}) from {os.path.abspath(cfg.model)}"
+
+    def write(folder):
+        write_base_checkpoint(folder, specs, chunks, hf_config, dtype="float32", source=source)
+        copy_aux_files(cfg.model, folder)
+
+    return write_folder_atomically(out_dir, write)
 
 
 class _Pending:
@@ -336,16 +366,21 @@ def _loop(cfg, data, state, frozen, program: TrainProgram, mesh, ckpts, position
             signal.signal(signal.SIGTERM, previous)
 
     summary["step"] = step
+    trained = jax.tree.map(to_host, state["trainable"])  # every process (a sharded base is gathered)
     if step >= total_steps:
         final = os.path.join(cfg.out, "final")
         if os.path.exists(final) and jax.process_index() == 0:  # a resumed run that had already finished once
             import shutil
 
             shutil.rmtree(final)
-        save_params(final, jax.tree.map(to_host, state["trainable"]))  # every process (orbax synchronises them)
+        save_params(final, trained)  # every process (orbax synchronises them)
         if jax.process_index() == 0:
             summary["loss_png"] = plot_loss(cfg.out)
-    summary["trainable"] = jax.tree.map(to_host, state["trainable"])
+            if program.exp.base:
+                summary["model_dir"] = _write_model(os.path.join(final, "model"), trained["params"], cfg, step)
+                log(f"trained model: {summary['model_dir']} (float32; load it with iada_jax.load_pretrained, or "
+                    "pass it as --model to train.py or eval.py)")
+    summary["trainable"] = trained
     if data.skipped:
         log(f"skipped rows: {dict(data.skipped)}")
     return summary

@@ -1,9 +1,11 @@
 """The optimizer over collections: AdamW per trainable collection, nothing for the frozen base.
 
 Trainability is decided by collection. The variables a step sees are
-{"params": frozen base, "lora": ..., "iada": ...}; the optimizer is an
-`optax.multi_transform` over the labels {lora, iada, frozen}: AdamW with its own learning
-rate and schedule for each trainable collection, `set_to_zero` (no state) for the rest.
+{"params": the base, "lora": ..., "iada": ...}; the optimizer is an `optax.multi_transform`
+over the labels {lora, iada, params, frozen}: AdamW with its own learning rate and schedule for
+each trainable collection, `set_to_zero` (no state) for the rest. The base (`params`) is frozen
+unless the experiment trains it (`Experiment.base`, the `full` experiment): then it is one
+more trainable collection, at `base_lr`.
 """
 
 from __future__ import annotations
@@ -16,17 +18,20 @@ import optax
 
 Array = jax.Array
 
-TRAINABLE = ("lora", "iada")
+TRAINABLE = ("lora", "iada")  # the adapter collections; "params" (the base) joins them when it trains
+BASE = "params"
 FROZEN = "frozen"
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
     """AdamW per trainable collection. The paper's learning rates were lost in its text;
-    2e-4 for LoRA (the usual PEFT figure) and 1e-3 for IADA are ours."""
+    2e-4 for LoRA (the usual PEFT figure) and 1e-3 for IADA are ours; base_lr is for the base's
+    own weights when they train (full-parameter training)."""
 
     lora_lr: float = 2e-4
     iada_lr: float = 1e-3
+    base_lr: float = 1e-4
     schedule: str = "cosine"  # "cosine" | "linear" | "constant", after a linear warmup
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
@@ -56,6 +61,11 @@ def learning_rate_schedule(peak: float, total_steps: int, cfg: OptimizerConfig) 
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
 
 
+def peak_learning_rates(cfg: OptimizerConfig) -> dict[str, float]:
+    """The peak learning rate of each collection that can train."""
+    return {"lora": cfg.lora_lr, "iada": cfg.iada_lr, BASE: cfg.base_lr}
+
+
 def collection_labels(variables: dict, trainable: tuple[str, ...] = TRAINABLE) -> dict:
     """A label per leaf: its collection name if trained, else "frozen"."""
     return {
@@ -68,7 +78,7 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int, trainable: tuple[str,
                    ) -> optax.GradientTransformation:
     """AdamW per trainable collection, set_to_zero for the rest (clipping: `clip_gradients`)."""
     transforms = {FROZEN: optax.set_to_zero()}
-    peaks = {"lora": cfg.lora_lr, "iada": cfg.iada_lr}
+    peaks = peak_learning_rates(cfg)
     for col in trainable:
         transforms[col] = optax.adamw(
             learning_rate_schedule(peaks[col], total_steps, cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,

@@ -1,14 +1,16 @@
 """Device mesh and logical-axis rules: how parameters and batches are laid out on devices.
 
 The mesh has two axes: `data` (pure data parallelism: parameters replicated) and `fsdp`
-(data parallel too, with the frozen base parameters sharded along their hidden dimension).
+(data parallel too, with the base parameters sharded along their hidden dimension: the frozen
+base, or, when the base trains, its float32 master copy with its gradient sum and Adam
+moments, `state_shardings`).
 Model code never names mesh axes: each parameter gets logical axis names from its shape
 here, and `RULES` maps logical names to mesh axes. A dimension the mesh axis does not
 divide stays replicated. Adapters (LoRA, IADA) and their optimizer state are small and
 replicated. Multi-host: `initialize_distributed()` calls `jax.distributed.initialize()`
 when the launcher set the coordinator variables; every host builds the same global batch
 and places only its own shards (`make_array_from_callback`), and reads replicated values
-(metrics, adapters) from its own replica (`to_host`).
+(metrics, adapters) from its own replica (`to_host`; a sharded one is gathered).
 """
 
 from __future__ import annotations
@@ -84,14 +86,28 @@ def spec_for(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -
     return PartitionSpec(*out)
 
 
+def _base_sharding(path, x, cfg: Qwen3VLConfig, mesh: Mesh) -> NamedSharding:
+    vision = any(getattr(k, "key", None) == "visual" for k in path)
+    return NamedSharding(mesh, spec_for(logical_axes(x.shape, cfg, vision), x.shape, mesh))
+
+
 def param_shardings(params: dict, cfg: Qwen3VLConfig, mesh: Mesh) -> dict:
     """NamedShardings for the base params (storage layout)."""
+    return jax.tree_util.tree_map_with_path(lambda path, x: _base_sharding(path, x, cfg, mesh), params)
+
+
+def state_shardings(state: dict, cfg: Qwen3VLConfig, mesh: Mesh) -> dict:
+    """NamedShardings for a train state (`TrainProgram.abstract_state`): every leaf of the base
+    (under a "params" key: the trained master copy, its gradient sum, its Adam moments) laid out
+    as `param_shardings` lays out the base; the rest (adapters and their state, counters)
+    replicated. With a frozen base (no "params" in the state) everything is replicated."""
 
     def one(path, x):
-        vision = any(getattr(k, "key", None) == "visual" for k in path)
-        return NamedSharding(mesh, spec_for(logical_axes(x.shape, cfg, vision), x.shape, mesh))
+        if any(getattr(k, "key", None) == "params" for k in path):
+            return _base_sharding(path, x, cfg, mesh)
+        return replicated(mesh)
 
-    return jax.tree_util.tree_map_with_path(one, params)
+    return jax.tree_util.tree_map_with_path(one, state)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -129,8 +145,13 @@ def place_batch(batch, mesh: Mesh):
 
 
 def to_host(x) -> np.ndarray:
-    """A replicated (or single-process) array as numpy, read from this process's own replica:
-    with several processes a global array spans devices no process can read."""
+    """An array as numpy: a replicated one read from this process's own replica (with several
+    processes a global array spans devices no process can read); one sharded across processes
+    (a trained base) gathered, which every process must then ask for together."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        return np.asarray(x.addressable_data(0))
+        if x.sharding.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
