@@ -2,13 +2,15 @@
 #   make demo   the main job on the embedded default: train LoRA + IADA on a tiny model
 #               and synthetic data it builds itself (CPU, a few minutes)
 #   make test   the test suite (what CI runs)
-#   make eval   the paper's benchmark table on the embedded model and benchmark fixtures
+#   make eval   the paper's benchmark table on the embedded model and benchmark fixtures, and the
+#               synthetic world's held-out perception / reasoning / text sets
+#   make study  the reasoning-tax study on the synthetic world (about 30 min on 2 CPU cores)
 #   make parity our logits against transformers' on a tiny random model
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo eval parity test clean
+.PHONY: setup demo eval study parity test clean
 
 setup: $(VENV)/.installed
 
@@ -23,9 +25,13 @@ demo: setup
 	rm -rf runs/demo
 	$(PY) train.py --out runs/demo
 
-# The embedded model (+ the demo's adapters when `make demo` ran) on fixtures of the 11 benchmarks.
+# The embedded model (+ the demo's adapters when `make demo` ran) on fixtures of the 11 benchmarks
+# and on the synthetic world's held-out sets (the demo trains on that world).
 eval: setup
 	$(PY) eval.py --out runs/eval $$(test -d runs/demo/final && echo --adapter runs/demo)
+
+study: setup
+	$(PY) -m iada_jax.study.reasoning_tax --out runs/study
 
 parity: setup
 	$(PY) -m iada_jax.embedded.demo

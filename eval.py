@@ -32,20 +32,22 @@ def _source(data: str | None, bench) -> str:
 def _embedded(names: list[str], log) -> tuple[str, str]:
     """The embedded tiny model and a fixture of each benchmark (cached in runs/embedded)."""
     from iada_jax.embedded import prepare_embedded
-    from iada_jax.evaluation.benchmarks import get_benchmark
+    from iada_jax.evaluation.benchmarks import WORLD, get_benchmark
 
     ckpt, _ = prepare_embedded(log=log)
     data = os.path.join(os.path.dirname(ckpt), "bench")
     for name in names:
         folder = os.path.join(data, name)
         if not os.path.exists(folder):
-            path = get_benchmark(name).write_fixture(folder + ".tmp", num=8, seed=0)
+            rows = WORLD_FIXTURE_ROWS if name in WORLD else 8
+            path = get_benchmark(name).write_fixture(folder + ".tmp", num=rows, seed=0)
             os.rename(folder + ".tmp", folder)
             log(f"fixture {name}: {path.replace('.tmp', '')}")
     return ckpt, data
 
 
 EMBEDDED_MAX_NEW_TOKENS = 16
+WORLD_FIXTURE_ROWS = 100  # per world set of the embedded default: enough for a trained adapter to show
 
 
 def pixel_limits(args, embedded: bool) -> dict:
@@ -75,7 +77,10 @@ def main(argv=None) -> int:
     ap.add_argument("--model", help="converted checkpoint or HF folder with its tokenizer (default: the embedded tiny model)")
     ap.add_argument("--adapter", help="trained adapters: a run directory or an adapters folder")
     ap.add_argument("--step", type=int, default=None, help="with --adapter RUN_DIR: that run's checkpoint at this step")
-    ap.add_argument("--bench", default="paper", help="'paper' (all 11) or comma-separated names")
+    ap.add_argument("--bench", default=None,
+                    help="'paper' (all 11), 'world' (the synthetic world's held-out perception, reasoning and text "
+                         "sets) or comma-separated names, e.g. 'paper,world' (default: paper; the embedded default: "
+                         "paper,world)")
     ap.add_argument("--data", help="folder with one entry per benchmark (default: data set names from the cache)")
     ap.add_argument("--out", default="evals/run", help="output folder (default: evals/run)")
     ap.add_argument("--label", help="row label in the table (default: the adapter or model folder name)")
@@ -133,13 +138,15 @@ def _evaluate(args) -> int:
     import iada_jax
     from iada_jax.adapters import load_adapters
     from iada_jax.config import ForwardConfig
-    from iada_jax.evaluation.benchmarks import PAPER, get_benchmark
+    from iada_jax.evaluation.benchmarks import PAPER, WORLD, get_benchmark
     from iada_jax.evaluation.reasoning import parse_reasoning_tags
     from iada_jax.evaluation.runner import EvalConfig, Evaluator
-    from iada_jax.evaluation.table import markdown, write_results
+    from iada_jax.evaluation.table import results_markdown, write_results
 
     log = lambda *a: print(*a, file=sys.stderr)  # noqa: E731
-    names = list(PAPER) if args.bench == "paper" else [n.strip() for n in args.bench.split(",") if n.strip()]
+    groups = {"paper": list(PAPER), "world": list(WORLD)}
+    bench = args.bench or ("paper,world" if args.model is None else "paper")
+    names = [n for part in bench.split(",") if part.strip() for n in groups.get(part.strip(), [part.strip()])]
     benches = [get_benchmark(n) for n in names]
     model_dir, data = args.model, args.data
     if model_dir is None:
@@ -181,7 +188,7 @@ def _evaluate(args) -> int:
                 "mathvista_prompt": args.mathvista_prompt, "mathvista_extractor": args.mathvista_extractor,
                 "max_new_tokens": {b.NAME: args.max_new_tokens or b.MAX_NEW_TOKENS for b in benches}, **limits}
     row = write_results(args.out, label, scores, details, settings)
-    print(markdown({label: row}), end="")
+    print(results_markdown(label, row, {n: scores[n] for n in WORLD if n in scores}), end="")
     print(f"wrote {args.out}/results.md and results.json; per-sample predictions in {args.out}/<bench>/", file=sys.stderr)
     return 0
 

@@ -5,8 +5,9 @@ visual-instruction data, built once and cached, so `python train.py` runs from a
                        tokenizer (byte-level BPE, Qwen special tokens and chat template) and a
                        preprocessor_config.json for 64x64 images (16x16 patches of 4 pixels)
     CACHE/ckpt/        the same model converted with `python -m convert import-hf`
-    CACHE/data/train.parquet   synthetic shapes/colours/counts/positions questions
-                       in the trl-lib/llava-instruct-mix schema
+    CACHE/data/world.parquet   the synthetic world's perception and reasoning questions about an
+                       image (iada_jax/study/world.py; one-word answers) in the
+                       trl-lib/llava-instruct-mix schema; `make eval` scores its held-out sets
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import os
 import shutil
 
 DEFAULT_CACHE = os.path.join("runs", "embedded")
-IMAGE_SIZE = (64, 64)
+IMAGE_SIZE = 48  # the world's images: 36 visual tokens of the tiny model
+MIX = {"perception": 0.5, "reasoning": 0.5}  # every row with one image
 
 # The tiny model sees 64x64 images as 16x16 patches of 4 pixels (64 LLM tokens).
 PREPROCESSOR_CONFIG = {
@@ -29,13 +31,13 @@ PREPROCESSOR_CONFIG = {
 
 def prepare_embedded(cache: str = DEFAULT_CACHE, num_rows: int = 512, log=print) -> tuple[str, str]:
     """(converted checkpoint folder, data file); built on first use, then reused."""
-    ckpt, data = os.path.join(cache, "ckpt"), os.path.join(cache, "data", "train.parquet")
+    ckpt, data = os.path.join(cache, "ckpt"), os.path.join(cache, "data", "world.parquet")
     if os.path.isdir(ckpt) and os.path.isfile(data):
         return ckpt, data
     from convert.__main__ import main as convert_main
-    from iada_jax.embedded.synthetic import make_synthetic_dataset
     from iada_jax.embedded.tiny_hf import build_hf_model
     from iada_jax.embedded.tiny_tokenizer import build_tokenizer
+    from iada_jax.study import world
 
     shutil.rmtree(cache, ignore_errors=True)
     hf_dir = os.path.join(cache, "hf")
@@ -47,6 +49,6 @@ def prepare_embedded(cache: str = DEFAULT_CACHE, num_rows: int = 512, log=print)
     log(f"embedded default: converting to {ckpt}")
     if convert_main(["import-hf", hf_dir, ckpt, "--dtype", "float32"]) != 0:
         raise RuntimeError(f"converting the embedded model at {hf_dir} failed")
-    log(f"embedded default: writing {num_rows} synthetic visual questions to {data}")
-    make_synthetic_dataset(os.path.dirname(data), num_rows=num_rows, seed=0, image_size=IMAGE_SIZE)
+    log(f"embedded default: writing {num_rows} questions of the synthetic world to {data}")
+    world.write_rows(data, world.sample_rows(num_rows, MIX, seed=0, image_size=IMAGE_SIZE))
     return ckpt, data

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 
-from iada_jax.evaluation.benchmarks import PAPER, PERCEPTION, REASONING, get_benchmark
+from iada_jax.evaluation.benchmarks import PAPER, PERCEPTION, REASONING, WORLD, get_benchmark
 
 RESULTS_FILE = "results.json"
 
@@ -50,18 +50,36 @@ def markdown(rows: dict[str, dict], deltas_from: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def world_markdown(rows: dict[str, dict]) -> str:
+    """Rows {label: {world set: score}} of the synthetic world's held-out sets (exact match)."""
+    lines = ["| Method | " + " | ".join(get_benchmark(n).TITLE for n in WORLD) + " |", "|---" * (len(WORLD) + 1) + "|"]
+    for label, row in rows.items():
+        lines.append(f"| {label} | " + " | ".join(_fmt(row.get(n)) for n in WORLD) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_results(out_dir: str, label: str, scores: dict[str, float], details: dict,
                   settings: dict | None = None) -> dict:
     """results.json (the row, lmms-eval's headline metrics of each benchmark as its aggregations
-    return them, per-benchmark details, the evaluation's settings) and results.md."""
+    return them, per-benchmark details, the evaluation's settings; the world sets' scores) and
+    results.md (the paper's table when any of its benchmarks ran, the world's when any of its)."""
     row = summarize(scores)
+    world = {n: scores[n] for n in WORLD if n in scores}
     lmms = {name: d["lmms_eval"] for name, d in details.items() if isinstance(d, dict) and "lmms_eval" in d}
     with open(os.path.join(out_dir, RESULTS_FILE), "w") as f:
-        json.dump({"label": label, "row": row, "lmms_eval": lmms, "details": details, "settings": settings or {}},
-                  f, indent=1)
+        json.dump({"label": label, "row": row, "world": world, "lmms_eval": lmms, "details": details,
+                   "settings": settings or {}}, f, indent=1)
     with open(os.path.join(out_dir, "results.md"), "w") as f:
-        f.write(markdown({label: row}))
+        f.write(results_markdown(label, row, world))
     return row
+
+
+def results_markdown(label: str, row: dict, world: dict) -> str:
+    """The paper's table (if any of its benchmarks has a score), then the world's (if any)."""
+    parts = [markdown({label: row})] if any(row.get(n) is not None for n in PAPER) else []
+    if world:
+        parts.append(world_markdown({label: world}))
+    return "\n".join(parts)
 
 
 def read_results(path: str) -> tuple[str, dict]:

@@ -26,6 +26,7 @@ import dataclasses
 import io
 import os
 import random
+import zlib
 
 from PIL import Image, ImageDraw
 
@@ -237,26 +238,42 @@ class Row:
     def image(self) -> Image.Image | None:
         return None if self.items is None else render(list(self.items), self.image_size)
 
+    @property
+    def split(self) -> str:
+        """"test" for one (question, scene) in HELDOUT_SHARE, "train" otherwise: a held-out
+        question never appears in training, not even the text-only ones (the world has about
+        a thousand arithmetic questions, so a random test set would be mostly memorised)."""
+        key = repr((self.question, self.items)).encode()
+        return "test" if zlib.crc32(key) % HELDOUT_SHARE == 0 else "train"
 
-def sample_row(rng: random.Random, group: str, image_size: int = 48) -> Row:
-    """One row of a group: a kind uniformly from the group, then a scene that can pose it."""
-    if group == "text":
-        q, a = arithmetic(rng)
-        return Row(q, a, "arithmetic", group, None, image_size)
-    kinds = list(DESCRIPTIVE if group == "descriptive" else KINDS[group])
+
+HELDOUT_SHARE = 8  # one (question, scene) pair in 8 is reserved for the held-out sets
+
+
+def sample_row(rng: random.Random, group: str, image_size: int = 48, split: str = "train") -> Row:
+    """One row of a group and split: a kind uniformly from the group, then a scene and a
+    question of that kind, drawn again until they can be posed and fall in `split`."""
+    kinds = ["arithmetic"] if group == "text" else list(DESCRIPTIVE if group == "descriptive" else KINDS[group])
     kind = rng.choice(kinds)
     while True:
-        items = make_scene(rng)
-        qa = describe(items, kind, rng) if group == "descriptive" else ask(items, kind, rng)
-        if qa is not None:
-            return Row(qa[0], qa[1], kind, group, tuple(items), image_size)
+        if group == "text":
+            q, a = arithmetic(rng)
+            row = Row(q, a, kind, group, None, image_size)
+        else:
+            items = make_scene(rng)
+            qa = describe(items, kind, rng) if group == "descriptive" else ask(items, kind, rng)
+            if qa is None:
+                continue
+            row = Row(qa[0], qa[1], kind, group, tuple(items), image_size)
+        if row.split == split:
+            return row
 
 
-def sample_rows(n: int, mix: dict[str, float], seed: int, image_size: int = 48) -> list[Row]:
-    """n rows with groups drawn by the weights of `mix` ({group: weight})."""
+def sample_rows(n: int, mix: dict[str, float], seed: int, image_size: int = 48, split: str = "train") -> list[Row]:
+    """n rows of `split` with groups drawn by the weights of `mix` ({group: weight})."""
     rng = random.Random(seed)
     groups, weights = zip(*[(g, w) for g, w in mix.items() if w > 0])
-    return [sample_row(rng, rng.choices(groups, weights)[0], image_size) for _ in range(n)]
+    return [sample_row(rng, rng.choices(groups, weights)[0], image_size, split) for _ in range(n)]
 
 
 def _png(img: Image.Image) -> bytes:
@@ -303,9 +320,9 @@ def stage1_mix(short_fraction: float) -> dict[str, float]:
 
 
 def heldout_rows(group: str, num: int, seed: int = 0, image_size: int = 48) -> list[Row]:
-    """A held-out set of one group. Its random stream (seed * 1000 + 101 + the group's index)
-    differs from every training set's (sample_rows with seeds below 101)."""
-    return sample_rows(num, {group: 1.0}, seed=seed * 1000 + 101 + GROUPS.index(group), image_size=image_size)
+    """A held-out set of one group: rows of the "test" split (Row.split)."""
+    return sample_rows(num, {group: 1.0}, seed=seed * 1000 + 101 + GROUPS.index(group), image_size=image_size,
+                       split="test")
 
 
 def normalize_answer(text: str) -> str:
