@@ -238,7 +238,7 @@ def table(rows: dict[str, list[dict]], majority: dict | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: dict[str, list[dict]], path: str) -> str:
+def plot(rows: dict[str, list[dict]], path: str, majority: dict | None = None) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -255,10 +255,14 @@ def plot(rows: dict[str, list[dict]], path: str) -> str:
         ax.bar(x + (j - 0.5) * 0.38, means, 0.36, yerr=spread, color=colour, alpha=0.75, label=key, capsize=3)
         for i, v in enumerate(vals):
             ax.scatter([x[i] + (j - 0.5) * 0.38] * len(v), v, color="black", s=8, zorder=3)
+    if majority is not None:
+        m = averages(majority)
+        for key, colour in (("R-Avg", "tab:red"), ("P-Avg", "tab:blue")):
+            ax.axhline(m[key], color=colour, linestyle="--", linewidth=1, label=f"{key}: majority answer per kind")
     ax.set_xticks(x, [LABELS.get(c, c) for c in names], rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("exact match (%)")
     ax.set_title("Reasoning tax on the synthetic world (bars: mean over seeds; dots: seeds)")
-    ax.legend()
+    ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -299,7 +303,8 @@ def depth_figure(cfg: StudyConfig, base: str, paths: dict, run: str, path: str) 
         weights[g] = {m: v.mean(0) for m, v in w.items()}
     streams = list(weights["perception"])
     gates = np.asarray(trained.variables["iada"]["gate"]).reshape(-1)
-    fig, axes = plt.subplots(len(streams), 2, figsize=(8, 3 * len(streams)), squeeze=False)
+    fig, axes = plt.subplots(len(streams), 2, figsize=(10, 3.4 * len(streams)), squeeze=False,
+                             layout="constrained")
     for i, m in enumerate(streams):
         for j, g in enumerate(("perception", "reasoning")):
             ax, w = axes[i][j], weights[g][m]
@@ -311,8 +316,8 @@ def depth_figure(cfg: StudyConfig, base: str, paths: dict, run: str, path: str) 
                 for b in range(n1):
                     if b <= a + 1:
                         ax.text(b, a, f"{w[a, b]:.2f}", ha="center", va="center", color="w", fontsize=8)
-            gate = f", gate {gates[i]:+.3f}" if i < len(gates) else ""
-            ax.set_title(f"{m} stream, {g} questions{gate}", fontsize=9)
+            gate = f" (gate {gates[i]:+.3f})" if i < len(gates) else ""
+            ax.set_title(f"{m} stream{gate}\n{g} questions", fontsize=9)
     fig.colorbar(im, ax=axes, shrink=0.6, label="retrieval weight")
     fig.suptitle(f"What IADA reads ({os.path.relpath(run, cfg.out)}): weight on each stored depth")
     fig.savefig(path, dpi=110)
@@ -363,12 +368,13 @@ def run_study(cfg: StudyConfig) -> dict:
     text = table(rows, majority)
     with open(os.path.join(cfg.out, "table.md"), "w") as f:
         f.write(text)
-    figures = {"plot": plot(rows, os.path.join(cfg.out, "reasoning_tax.png"))}
+    figures = {"plot": plot(rows, os.path.join(cfg.out, "reasoning_tax.png"), majority)}
     if "D_iada_lora" in cfg.conditions:
         run = os.path.join(cfg.out, "stage1", "D_iada_lora", f"seed{cfg.seeds[0]}")
         figures["depth_weights"] = depth_figure(cfg, base, paths, run, os.path.join(cfg.out, "depth_weights.png"))
     summary = {"config": dataclasses.asdict(cfg), "results": results, "majority": averages(majority),
-               "table": text, "figures": figures, "minutes": (time.perf_counter() - t0) / 60}
+               "table": text, "figures": figures,
+               "minutes_this_invocation": (time.perf_counter() - t0) / 60}
     with open(os.path.join(cfg.out, "results.json"), "w") as f:
         json.dump(summary, f, indent=1)
     return summary
@@ -403,7 +409,7 @@ def main(argv=None) -> int:
     summary = run_study(cfg)
     print(summary["table"], end="")
     print(f"{cfg.out}: table.md, results.json, " + ", ".join(os.path.basename(p) for p in summary["figures"].values())
-          + f" ({summary['minutes']:.1f} min)")
+          + f" ({summary['minutes_this_invocation']:.1f} min this invocation)")
     return 0
 
 
