@@ -184,3 +184,27 @@ def test_a_finished_study_is_reused_not_retrained(quick_study, capsys):
     assert main(["--quick", "--out", quick_study]) == 0
     assert os.path.getmtime(os.path.join(quick_study, "stage1", "B_lora", "seed0", "scores.json")) == before
     assert "B: LoRA" in capsys.readouterr().out
+    # other settings in the same folder would silently reuse these runs: refused
+    assert main(["--quick", "--out", quick_study, "--stage1-steps", "5"]) == 1
+    assert "stage1_steps" in capsys.readouterr().err
+
+
+def test_eval_scores_the_world_sets_in_their_own_table(embedded, tmp_path):
+    """eval.py --bench world: the world's table in results.md, its scores in results.json."""
+    import eval as eval_cli
+    from iada_jax.evaluation.benchmarks import WORLD, get_benchmark
+
+    data = tmp_path / "data"
+    for name in WORLD:
+        get_benchmark(name).write_fixture(str(data / name), num=4)
+    out = tmp_path / "out"
+    assert eval_cli.main(["--model", embedded[0], "--data", str(data), "--bench", "world", "--out", str(out),
+                          "--max-new-tokens", "3", "--dtype", "float32", "--no-progress",
+                          # the tiny model's own sizes (lmms-eval's 200704 would make 3136 tokens an image)
+                          "--min-pixels", "1024", "--max-pixels", "4096"]) == 0
+    md = (out / "results.md").read_text()
+    assert "World-Perception | World-Reasoning | World-Text" in md and "MMMU" not in md
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["world"]) == set(WORLD) and all(0 <= v <= 100 for v in results["world"].values())
+    predictions = (out / "world_text" / "predictions.jsonl").read_text().splitlines()
+    assert len(predictions) == 4

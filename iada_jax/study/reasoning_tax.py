@@ -344,7 +344,16 @@ def run_study(cfg: StudyConfig) -> dict:
     os.makedirs(cfg.out, exist_ok=True)
     _cache(cfg)
     t0 = time.perf_counter()
-    with open(os.path.join(cfg.out, "study.json"), "w") as f:
+    settings = os.path.join(cfg.out, "study.json")
+    if os.path.isfile(settings):  # finished runs are reused: only under the settings that made them
+        with open(settings) as f:
+            before = json.load(f)
+        now = json.loads(json.dumps(dataclasses.asdict(cfg)))
+        differ = sorted(k for k in now if k not in ("jobs", "eval_batch") and before.get(k) != now[k])
+        if differ:
+            raise ValueError(f"{cfg.out} holds a study with other settings ({', '.join(differ)}); its runs would be "
+                             "reused: choose another --out (--base reuses a stage 0)")
+    with open(settings, "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=1)
     paths = prepare(cfg)
     base = cfg.base or stage0(cfg, paths)
@@ -406,7 +415,11 @@ def main(argv=None) -> int:
     if unknown or cfg.size not in SIZES:
         ap.error(f"unknown conditions {unknown} (see python -m iada_jax.params)" if unknown
                  else f"--size {cfg.size}: choose from {list(SIZES)}")
-    summary = run_study(cfg)
+    try:
+        summary = run_study(cfg)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(summary["table"], end="")
     print(f"{cfg.out}: table.md, results.json, " + ", ".join(os.path.basename(p) for p in summary["figures"].values())
           + f" ({summary['minutes_this_invocation']:.1f} min this invocation)")
