@@ -1,7 +1,7 @@
 # Two entry points for a fresh clone; each sets itself up (a venv in .venv).
 #   make demo   the main job on the embedded default: train LoRA + IADA on a tiny model
 #               and synthetic data it builds itself (CPU, a few minutes)
-#   make test   the test suite (what CI runs)
+#   make test   the test suite (what CI runs); make test-slow: the slow set it leaves out
 #   make eval   the paper's benchmark table on the embedded model and benchmark fixtures, and the
 #               synthetic world's held-out perception / reasoning / text sets
 #   make study  the reasoning-tax study on the synthetic world (about 30 min on 2 CPU cores)
@@ -10,7 +10,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo eval study parity test clean
+.PHONY: setup demo eval study parity test test-slow clean
 
 setup: $(VENV)/.installed
 
@@ -38,6 +38,10 @@ parity: setup
 
 test: setup
 	$(PY) -m pytest -q -n 2 --dist loadscope
+
+# The slow set (marked slow, left out of `make test`): the CPU run of bench/device_run.sh.
+test-slow: setup
+	$(PY) -m pytest -q -m slow
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

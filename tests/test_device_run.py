@@ -29,6 +29,7 @@ def cpu_run(tmp_path_factory):
     return proc, out, json.load(open(out / "results.json"))
 
 
+@pytest.mark.slow  # about 3 minutes: `make test-slow` (run it before a GPU run)
 def test_every_case_of_the_cpu_plan_gives_a_good_row(cpu_run):
     proc, out, results = cpu_run
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
@@ -79,6 +80,7 @@ def test_every_case_of_the_cpu_plan_gives_a_good_row(cpu_run):
                                          "--pack --tiny")
 
 
+@pytest.mark.slow  # about 3 minutes: `make test-slow` (run it before a GPU run)
 def test_the_report_has_the_table_ratios_and_logs(cpu_run):
     _, out, results = cpu_run
     assert any(k.startswith("D_iada_lora / torch B_lora tokens/s") for k in results["ratios"])
