@@ -119,7 +119,7 @@ def generate(num_rows: int = 256, seed: int = 0, image_size: tuple[int, int] = (
         yield items, kind, question, answer, render(items, tuple(image_size))
 
 
-def _png(img: Image.Image) -> bytes:
+def png_bytes(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
@@ -148,7 +148,7 @@ def make_synthetic_dataset(
 
     cols = {"images": [], "prompt": [], "completion": []}
     for _, _, question, answer, img in generate(num_rows, seed, image_size):
-        cols["images"].append([{"bytes": _png(img), "path": None}])
+        cols["images"].append([{"bytes": png_bytes(img), "path": None}])
         cols["prompt"].append([{"role": "user", "content": question}])
         cols["completion"].append([{"role": "assistant", "content": answer}])
     os.makedirs(out_dir, exist_ok=True)

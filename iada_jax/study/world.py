@@ -23,7 +23,6 @@ Rows use the trl-lib/llava-instruct-mix schema (`images`, `prompt`, `completion`
 from __future__ import annotations
 
 import dataclasses
-import io
 import os
 import random
 import zlib
@@ -276,31 +275,26 @@ def sample_rows(n: int, mix: dict[str, float], seed: int, image_size: int = 48, 
     return [sample_row(rng, rng.choices(groups, weights)[0], image_size, split) for _ in range(n)]
 
 
-def _png(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def features():
-    """llava-instruct-mix's features, plus the row's kind and group."""
+    """llava-instruct-mix's features (embedded/synthetic.py), plus the row's kind and group."""
     import datasets
 
-    msg = {"role": datasets.Value("string"), "content": datasets.Value("string")}
-    return datasets.Features({
-        "images": datasets.List(datasets.Image()), "prompt": datasets.List(msg), "completion": datasets.List(msg),
-        "kind": datasets.Value("string"), "group": datasets.Value("string"),
-    })
+    from iada_jax.embedded.synthetic import features as llava_features
+
+    return datasets.Features({**llava_features(), "kind": datasets.Value("string"),
+                              "group": datasets.Value("string")})
 
 
 def write_rows(path: str, rows: list[Row]) -> str:
     """Write rows as a parquet file in the llava-instruct-mix schema; returns the path."""
     import datasets
 
+    from iada_jax.embedded.synthetic import png_bytes
+
     cols = {k: [] for k in ("images", "prompt", "completion", "kind", "group")}
     for r in rows:
         img = r.image()
-        cols["images"].append([] if img is None else [{"bytes": _png(img), "path": None}])
+        cols["images"].append([] if img is None else [{"bytes": png_bytes(img), "path": None}])
         cols["prompt"].append([{"role": "user", "content": r.question}])
         cols["completion"].append([{"role": "assistant", "content": r.answer}])
         cols["kind"].append(r.kind)
