@@ -110,16 +110,19 @@ def _train(cfg: StudyConfig, out: str, **kw) -> None:
     if os.path.isdir(os.path.join(out, "final")):
         return
     pixels = cfg.image_size**2
+    # resume: a run killed part-way continues from its last checkpoint (or starts again without one)
     settings = dict(batch_size=cfg.batch_size, grad_accum=1, dtype="float32", param_dtype="float32", remat="none",
-                    block_size=cfg.block_size, save_every=10**9, keep=1, min_pixels=pixels, max_pixels=pixels,
-                    warmup_ratio=0.05, index_cache=os.path.join(cfg.out, "index"), progress=False,
-                    resume=os.path.isdir(os.path.join(out, "checkpoints")))
+                    block_size=cfg.block_size, save_every=100, keep=1, min_pixels=pixels, max_pixels=pixels,
+                    warmup_ratio=0.05, index_cache=os.path.join(cfg.out, "index"), progress=False, resume=True)
     settings.update(kw)
     t0 = time.perf_counter()
     summary = fit(TrainConfig(out=out, **settings), log=_quiet)
     losses = summary["losses"]
+    if not losses:
+        _log(f"  {out}: finished from its step-{summary['step']} checkpoint")
+        return
     k = max(1, len(losses) // 10)
-    _log(f"  {out}: loss {sum(losses[:k]) / k:.3f} -> {sum(losses[-k:]) / k:.3f} over {summary['step']} steps "
+    _log(f"  {out}: loss {sum(losses[:k]) / k:.3f} -> {sum(losses[-k:]) / k:.3f} over {len(losses)} steps "
          f"({time.perf_counter() - t0:.0f} s)")
 
 
