@@ -60,6 +60,18 @@ def centre(position: str, size: tuple[int, int]) -> tuple[int, int]:
     }[position]
 
 
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: int, cy: int, r: int, fill: tuple[int, int, int]) -> None:
+    """A circle, square or triangle (apex up; the centre pixel lies inside) spanning 2r+1
+    pixels around (cx, cy), not anti-aliased."""
+    box = (cx - r, cy - r, cx + r, cy + r)
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    else:
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+
+
 def render(items: list[Item], size: tuple[int, int] = (64, 64)) -> Image.Image:
     """Draw `items` on a plain background. Slot centres are >= min(size)//4 apart and each shape
     spans 2r+1 pixels with 2r < that spacing, so shapes never touch (r = 7 at 64x64)."""
@@ -67,15 +79,7 @@ def render(items: list[Item], size: tuple[int, int] = (64, 64)) -> Image.Image:
     draw = ImageDraw.Draw(img)
     r = max(1, (min(size) // 4 - 1) // 2)
     for it in items:
-        cx, cy = centre(it.position, size)
-        box = (cx - r, cy - r, cx + r, cy + r)
-        fill = COLOURS[it.colour]
-        if it.shape == "circle":
-            draw.ellipse(box, fill=fill)
-        elif it.shape == "square":
-            draw.rectangle(box, fill=fill)
-        else:  # apex up; the centre pixel lies inside
-            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+        draw_shape(draw, it.shape, *centre(it.position, size), r, COLOURS[it.colour])
     return img
 
 

@@ -29,6 +29,8 @@ import zlib
 
 from PIL import Image, ImageDraw
 
+from iada_jax.embedded.synthetic import draw_shape
+
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {  # exact RGB values; drawing is not anti-aliased
     "red": (220, 30, 30),
@@ -104,15 +106,7 @@ def render(items: list[Item], size: int = 48) -> Image.Image:
     cell = size / GRID
     r = max(2, int(cell * 0.36))
     for it in items:
-        cx, cy = int((it.col + 0.5) * cell), int((it.row + 0.5) * cell)
-        box = (cx - r, cy - r, cx + r, cy + r)
-        fill = COLOURS[it.colour]
-        if it.shape == "circle":
-            draw.ellipse(box, fill=fill)
-        elif it.shape == "square":
-            draw.rectangle(box, fill=fill)
-        else:
-            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+        draw_shape(draw, it.shape, int((it.col + 0.5) * cell), int((it.row + 0.5) * cell), r, COLOURS[it.colour])
     return img
 
 
