@@ -7,23 +7,26 @@ from a GPU, in priority order, within a time budget, each case in its own proces
 
 Cases, most important first (a 2B step can take a minute or more to compile):
   env            GPU name and memory, package versions (no framework is initialised)
-  attention      cuDNN against XLA attention, right-padded bf16, 2B head shapes (bench/parity.py)
+  attention      cuDNN against XLA attention, bf16, 2B shapes: right-padded and packed text
+                 rows (causal), the vision tower's frames (not causal) (bench/parity.py)
   parity         our forward against transformers' with LoRA + IADA, float32 and bf16
-  step-*         the training step at Qwen3-VL-2B dimensions, random weights, sequence 2048:
-                 ours D_iada_lora and B_lora, then transformers + PEFT B_lora (SDPA, gradient
-                 checkpointing, bf16); micro-batch 8 text-only, then one 448x448 image per
-                 sample, then micro-batch 16; then ours with cuDNN attention, and with the
-                 remat policy that keeps the q/k/v projections (bench/train_step.py)
-  decode         (after the first text triple) generation speed, ours (jitted, KV cache) against
-                 transformers' generate on the same random 2B weights: batch 16, one image per
-                 sample, 1024-token prompts, 64 new tokens, greedy, bf16; tokens/s of each, our
-                 compile time, and whether the first 8 tokens agree (bench/decode_speed.py)
-  packing        (after decode) our D_iada_lora step, 2B dims, bf16, on the same 256 samples of
+  step-*         the training step at Qwen3-VL-2B dimensions, random weights, sequence 2048,
+                 train.py's default attention ("auto": cuDNN on the GPU): ours D_iada_lora and
+                 B_lora (IADA's share), transformers + PEFT B_lora (SDPA, gradient
+                 checkpointing, bf16), micro-batch 8 text-only, then one 448x448 image per
+                 sample (bench/train_step.py)
+  packing        our D_iada_lora step, 2B dims, bf16, on the same 256 samples of
                  llava-instruct-mix-like lengths (one image each): packed, 4 rows of 2048 a
                  batch, against bucketed, 16 samples a batch in buckets of 512 / 1024; real
                  tokens/s of each and their ratio (bench/train_step.py --lengths llava --pack)
   train.py       train.py itself for about a minute on a random full-size checkpoint and
                  generated data: the loop, the loader and the host, against the bare step
+  step-D-b16     micro-batch 16 (the paper's batch in one micro-batch)
+  decode         generation speed, ours (jitted, KV cache) against transformers' generate on
+                 the same random 2B weights: batch 16, one image per sample, 1024-token
+                 prompts, 64 new tokens, greedy, bf16; tokens/s of each, our compile time, and
+                 whether the first 8 tokens agree (bench/decode_speed.py)
+  step-*-xla ... XLA attention for reference, then the remaining image and batch-16 rows
 
 A case starts only if the budget has room for it (else it is skipped with the reason); a
 case that fails or runs over its own limit is recorded with the end of its output, and the
@@ -86,25 +89,26 @@ def plan(cpu: bool) -> list[CaseSpec]:
             CaseSpec("decode", "decode", 5, 120, ("--tiny", "--dtype", "float32", "--batch", "2", "--prompt", "48",
                                                   "--new", "8", "--repeats", "2")),
         ]
+    # The step cases run train.py's default attention ("auto": cuDNN on the GPU); the first GPU
+    # run (bench/RESULTS.md, 2026-11-30) measured XLA attention, which -xla keeps as a reference.
     return [
         CaseSpec("env", "env", 0, 30),
         CaseSpec("attention", "attention", 20, 90),
         CaseSpec("parity", "parity", 30, 120),
-        _step("step-D-b8-text", "jax", "D_iada_lora", 8, 0, 90, 300),
-        _step("step-B-b8-text", "jax", "B_lora", 8, 0, 90, 300),
-        _step("step-torch-B-b8-text", "torch", "B_lora", 8, 0, 60, 240),
-        CaseSpec("decode", "decode", 60, 240, ("--batch", "16", "--prompt", "1024", "--new", "64", "--dtype", "bfloat16")),
-        _layouts(180, 420, "--seq", "2048", "--batch", "16", "--pack-batch", "4", "--samples", "256", "--passes", "2",
+        _step("step-D-b8-text", "jax", "D_iada_lora", 8, 0, 60, 300),
+        _step("step-B-b8-text", "jax", "B_lora", 8, 0, 60, 300),
+        _step("step-torch-B-b8-text", "torch", "B_lora", 8, 0, 45, 240),
+        _step("step-D-b8-img1", "jax", "D_iada_lora", 8, 1, 60, 300),
+        _layouts(150, 420, "--seq", "2048", "--batch", "16", "--pack-batch", "4", "--samples", "256", "--passes", "2",
                  "--dtype", "bfloat16"),
-        _step("step-D-b8-img1", "jax", "D_iada_lora", 8, 1, 90, 300),
-        _step("step-B-b8-img1", "jax", "B_lora", 8, 1, 90, 300),
-        _step("step-torch-B-b8-img1", "torch", "B_lora", 8, 1, 60, 240),
-        CaseSpec("train.py", "train_py", 180, 300),
-        _step("step-D-b16-text", "jax", "D_iada_lora", 16, 0, 90, 300),
-        _step("step-B-b16-text", "jax", "B_lora", 16, 0, 90, 300),
-        _step("step-torch-B-b16-text", "torch", "B_lora", 16, 0, 60, 240),
-        _step("step-D-b8-text-cudnn", "jax", "D_iada_lora", 8, 0, 90, 300, "--attention", "cudnn"),
-        _step("step-D-b8-text-qkv", "jax", "D_iada_lora", 8, 0, 90, 300, "--remat", "qkv"),
+        CaseSpec("train.py", "train_py", 150, 300),
+        _step("step-D-b16-text", "jax", "D_iada_lora", 16, 0, 60, 300),
+        CaseSpec("decode", "decode", 90, 240, ("--batch", "16", "--prompt", "1024", "--new", "64", "--dtype", "bfloat16")),
+        _step("step-D-b8-text-xla", "jax", "D_iada_lora", 8, 0, 60, 300, "--attention", "xla"),
+        _step("step-torch-B-b8-img1", "torch", "B_lora", 8, 1, 45, 240),
+        _step("step-B-b8-img1", "jax", "B_lora", 8, 1, 60, 300),
+        _step("step-torch-B-b16-text", "torch", "B_lora", 16, 0, 45, 240),
+        _step("step-B-b16-text", "jax", "B_lora", 16, 0, 60, 300),
     ]
 
 
@@ -316,10 +320,15 @@ class Runner:
 
         rc, seconds, tail = self.command(train, limit - (time.monotonic() - start), log, stop_when=enough)
         records = read_metrics(run)
+        try:  # the kernel train.py's "auto" attention chose
+            with open(os.path.join(run, "config.json")) as f:
+                attention = json.load(f).get("attention")
+        except (OSError, ValueError):
+            attention = None
         shutil.rmtree(work, ignore_errors=True)
         row = {"kind": "train_py", "command": " && ".join(commands).replace(work, "$WORK"), "seconds": time.monotonic() - start,
                "train_seconds": seconds, "returncode": rc, "batch": batch, "grad_accum": accum, "seq": length,
-               "images": 1, "exp": "D_iada_lora", "optimizer_steps": len(records)}
+               "images": 1, "exp": "D_iada_lora", "attention": attention, "optimizer_steps": len(records)}
         steady = records[2:] if len(records) > 4 else records[1:]
         if not steady:
             return dict(row, status="failed", reason=f"{len(records)} optimizer step(s) logged", output=tail[-3000:])
@@ -405,7 +414,7 @@ def ratios(rows: list[dict]) -> dict[str, float]:
             continue
         shape = (f"seq {seq} img {images} b{batch}" + ("" if attention == "xla" else f" {attention}")
                  + ("" if remat == "full" else f" remat {remat}"))
-        torch_row = steps.get(("torch", "B_lora", seq, images, batch, "xla", "full"))
+        torch_row = steps.get(("torch", "B_lora", seq, images, batch, "sdpa", "full"))
         if torch_row:
             out[f"{exp} / torch B_lora tokens/s, {shape}"] = r["tokens_per_s"] / torch_row["tokens_per_s"]
         lora = steps.get(("jax", "B_lora", seq, images, batch, attention, remat))
@@ -419,7 +428,7 @@ def ratios(rows: list[dict]) -> dict[str, float]:
             out[f"packed / bucketed real tokens/s, {r['exp']} {r['dtype']} seq {r['seq']} (packed "
                 f"{r['packed']['batch_rows']} x {r['seq']}, bucketed b{r['bucketed']['batch_rows']})"] = r["ratio"]
         if r.get("kind") == "train_py" and r.get("status") == "ok":
-            bare = steps.get(("jax", r["exp"], r["seq"], r["images"], r["batch"], "xla", "full"))
+            bare = steps.get(("jax", r["exp"], r["seq"], r["images"], r["batch"], r.get("attention") or "xla", "full"))
             if bare:
                 out["train.py padded tokens/s over the bare step's"] = r["padded_tokens_per_s"] / bare["tokens_per_s"]
     return out

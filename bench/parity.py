@@ -76,7 +76,9 @@ def attention_check(tiny: bool) -> dict:
           and row["cudnn_grads_finite"] and row["xla_padded_rows_finite"])
     packed = packed_attention_check(q, k, v, cot)
     row.update(packed)
-    ok = ok and packed["packed_status"] == "ok"
+    frames = frame_attention_check(tiny)
+    row.update(frames)
+    ok = ok and packed["packed_status"] == "ok" and frames["frames_status"] == "ok"
     row["status"] = "ok" if ok else "mismatch"
     return row
 
@@ -120,6 +122,41 @@ def packed_attention_check(q, k, v, cot) -> dict:
           and max(row["packed_cudnn_grad_max_abs_diff"].values()) <= 2e-2 * max(grad_scale, 1.0)
           and all(np.isfinite(x[valid]).all() for x in got))
     row["packed_status"] = "ok" if ok else "mismatch"
+    return row
+
+
+def frame_attention_check(tiny: bool) -> dict:
+    """The vision tower's attention (not causal, within each frame over its real patches, what
+    `--attention cudnn` and train.py's "auto" run on a GPU): cuDNN against XLA on frames of
+    Qwen3-VL-2B's vision heads (16 x 64), output and gradients on the real patches. GPU only."""
+    import jax
+    import jax.numpy as jnp
+
+    from iada_jax.model.vision import frame_attention
+
+    f, length, h, hd = (4, 64, 16, 64) if tiny else (4, 1024, 16, 64)
+    # 784 patches: a 448x448 image; 0: a padding frame (the batch's frame count is a power of two)
+    lengths = np.asarray([length, 784 * length // 1024, length // 10, 0], np.int32)
+    rng = np.random.default_rng(1)
+    q, k, v, cot = (jnp.asarray(rng.standard_normal((f, length, h, hd)), jnp.bfloat16) for _ in range(4))
+    valid = np.arange(length)[None] < lengths[:, None]
+    weight = jnp.asarray(valid, jnp.bfloat16)[:, :, None, None] * cot
+
+    def run(impl):
+        out, vjp = jax.vjp(lambda q, k, v: frame_attention(q, k, v, jnp.asarray(lengths), impl), q, k, v)
+        return [np.asarray(x, np.float32) for x in (out,) + vjp(weight)]
+
+    ref, got = run("xla"), run("cudnn")
+    scale = float(np.abs(ref[0][valid]).max())
+    grad_scale = max(float(np.abs(r[valid]).max()) for r in ref[1:])
+    row = {"frames": f"F={f} L={length} H={h} hd={hd} bf16, lengths {lengths.tolist()}",
+           "frames_cudnn_max_abs_diff": float(np.abs(got[0] - ref[0])[valid].max()),
+           "frames_cudnn_grad_max_abs_diff": {n: float(np.abs(g - r)[valid].max())
+                                              for n, g, r in zip("qkv", got[1:], ref[1:])}}
+    ok = (row["frames_cudnn_max_abs_diff"] <= 2e-2 * max(scale, 1.0)
+          and max(row["frames_cudnn_grad_max_abs_diff"].values()) <= 2e-2 * max(grad_scale, 1.0)
+          and all(np.isfinite(x).all() for x in got))  # padding rows and frames too: they are dropped, not masked
+    row["frames_status"] = "ok" if ok else "mismatch"
     return row
 
 

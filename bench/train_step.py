@@ -135,12 +135,14 @@ def build_jax_case(cfg, case: Case, args):
 
     from convert.random_init import random_params
     from iada_jax.config import ForwardConfig
+    from iada_jax.model.layers import resolve_attention
     from iada_jax.data.loader import collate
     from iada_jax.experiments import get_experiment
     from iada_jax.train.optimizer import OptimizerConfig
     from iada_jax.train.step import TrainProgram
 
     exp = get_experiment(case.exp, args.block_size)
+    args.attention = resolve_attention(args.attention, args.dtype)  # "auto" -> what train.py would run
     fwd = ForwardConfig(block_size=args.block_size, remat=args.remat, attention=args.attention, dtype=args.dtype)
     program = TrainProgram(cfg, exp, fwd, OptimizerConfig(), total_steps=1000, grad_accum=case.grad_accum)
     params = random_params(cfg, args.dtype)
@@ -363,11 +365,13 @@ def measure_layouts(cfg, args) -> dict:
 
     from convert.random_init import random_params
     from iada_jax.config import ForwardConfig
+    from iada_jax.model.layers import resolve_attention
     from iada_jax.experiments import get_experiment
     from iada_jax.train.optimizer import OptimizerConfig
     from iada_jax.train.step import TrainProgram
 
     exp = get_experiment(args.exp, args.block_size)
+    args.attention = resolve_attention(args.attention, args.dtype)  # "auto" -> what train.py would run
     fwd = ForwardConfig(block_size=args.block_size, remat=args.remat, attention=args.attention, dtype=args.dtype)
     program = TrainProgram(cfg, exp, fwd, OptimizerConfig(), total_steps=1000)
     params = random_params(cfg, args.dtype)
@@ -528,7 +532,7 @@ def _summary(stack, cfg, case, times, adapter_params, args, **extra) -> dict:
     flops = step_flops(cfg, case, adapter_params, args.tiny)
     peak = args.peak_tflops
     return dict(kind="step", stack=stack, **dataclasses.asdict(case), dtype=args.dtype, remat=args.remat,
-                attention=args.attention, step_s=step_s, tokens_per_s=case.batch * case.seq / step_s,
+                attention="sdpa" if stack == "torch" else args.attention, step_s=step_s, tokens_per_s=case.batch * case.seq / step_s,
                 model_tflops=flops / step_s / 1e12, mfu=None if not peak else flops / step_s / (peak * 1e12),
                 adapter_params=adapter_params, **extra)
 
@@ -553,7 +557,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--remat", default="full")
-    ap.add_argument("--attention", default="xla", choices=["xla", "cudnn"])
+    ap.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn"],
+                    help="jax stack: auto (train.py's default: cuDNN on an NVIDIA GPU with bf16, else XLA), xla, cudnn")
     ap.add_argument("--block-size", type=int, default=4)
     ap.add_argument("--lengths", choices=["fixed", "llava"], default="fixed",
                     help="fixed: every sample --seq tokens (--images square images); llava: --samples samples of the "

@@ -279,7 +279,8 @@ class ForwardConfig:
 
     block_size: layers per scanned block (the IADA boundary spacing S); must divide L.
     remat: rematerialisation policy of the scanned layer ("none" keeps activations).
-    attention: "xla" (any mask, any backend) or "cudnn" (GPU; causal + right padding only).
+    attention: "xla" (any mask, any backend) or "cudnn" (NVIDIA GPU, bf16/fp16; right padding
+        or packed rows); layers.resolve_attention turns train.py's "auto" into one of them.
     dtype: compute dtype of activations; parameters are cast to it at use.
     """
 

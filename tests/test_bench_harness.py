@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import types
 
+import pytest
+
 import jax
 import jax.numpy as jnp
 
@@ -99,3 +101,33 @@ def test_packed_and_bucketed_layouts_of_the_step_bench_hold_the_same_samples_and
     loss_bucketed = train_step.layout_loss(program, trainable, frozen, bucketed)
     loss_packed = train_step.layout_loss(program, trainable, frozen, packed)
     assert abs(loss_packed / loss_bucketed - 1) < 1e-5, (loss_packed, loss_bucketed)
+
+
+def test_the_gpu_attention_checks_run_with_xla_standing_in_for_cudnn(monkeypatch):
+    """bench/parity.py's cuDNN checks (right-padded, packed, vision frames) only run on a GPU, where
+    a slip costs a lease: run their code here with XLA in cuDNN's place (differences exactly 0)."""
+    from bench import parity
+    from iada_jax.model import layers, vision
+
+    real = layers.dot_product_attention
+
+    def standing_in(q, k, v, mask, seq_lengths, implementation, causal=True):
+        return real(q, k, v, mask, seq_lengths, "xla", causal)
+
+    monkeypatch.setattr(vision, "dot_product_attention", standing_in)
+    frames = parity.frame_attention_check(tiny=True)
+    assert frames["frames_status"] == "ok" and frames["frames_cudnn_max_abs_diff"] == 0.0, frames
+    monkeypatch.setattr(layers, "dot_product_attention", standing_in)
+    b, t, hq, hkv, hd = 4, 32, 4, 2, 8
+    q, k, v, cot = (jnp.ones((b, t, h, hd), jnp.bfloat16) * 0.1 for h in (hq, hkv, hkv, hq))
+    packed = parity.packed_attention_check(q, k, v, cot)
+    assert packed["packed_status"] == "ok" and packed["packed_cudnn_max_abs_diff"] == 0.0, packed
+
+
+def test_auto_attention_is_xla_on_the_cpu_and_cudnn_is_refused_here():
+    from iada_jax.model.layers import resolve_attention
+
+    assert resolve_attention("auto", "bfloat16") == "xla" and resolve_attention("xla", "float32") == "xla"
+    for bad, message in (("cudnn", "needs an NVIDIA GPU"), ("flash", "unknown attention")):
+        with pytest.raises(ValueError, match=message):
+            resolve_attention(bad, "bfloat16")

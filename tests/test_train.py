@@ -49,6 +49,7 @@ def test_loss_falls_and_the_run_leaves_its_outputs(embedded, tmp_path):
     assert os.path.isdir(os.path.join(cfg.out, "final"))
     saved = json.load(open(os.path.join(cfg.out, "config.json")))
     assert saved["iada"]["block_size"] == 2 and saved["total_steps"] == 40
+    assert saved["train"]["attention"] == "auto" and saved["attention"] == "xla"  # what "auto" chose on a CPU
 
 
 # Every value of every IADA switch trains, in five combinations (each compiles its own step, the

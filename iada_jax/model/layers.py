@@ -154,6 +154,30 @@ def dot_product_attention(
     raise ValueError(f"unknown attention implementation {implementation!r}; use 'xla' or 'cudnn'")
 
 
+def resolve_attention(implementation: str, dtype: str) -> str:
+    """The attention kernel a run uses. "auto" (train.py's default): cuDNN's fused attention on
+    an NVIDIA GPU with bf16 / fp16 compute, XLA's elsewhere. On an H200 at Qwen3-VL-2B, sequence
+    2048, cuDNN made the LoRA + IADA step 1.64x faster and 5.5 GiB smaller than XLA's
+    (bench/RESULTS.md). "xla" and "cudnn" are taken as given, after a check that cuDNN can run."""
+    if implementation not in ("auto", "xla", "cudnn"):
+        raise ValueError(f"unknown attention implementation {implementation!r}; use 'auto', 'xla' or 'cudnn'")
+    fused_ok = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    if implementation == "auto":
+        return "cudnn" if fused_ok and _nvidia_gpu() else "xla"
+    if implementation == "cudnn" and not _nvidia_gpu():
+        raise ValueError(f"attention 'cudnn' needs an NVIDIA GPU; this process runs on {jax.default_backend()!r} "
+                         "(use 'auto' or 'xla')")
+    if implementation == "cudnn" and not fused_ok:
+        raise ValueError(f"attention 'cudnn' takes bf16 or fp16 compute, not {dtype} (use 'auto' or 'xla')")
+    return implementation
+
+
+def _nvidia_gpu() -> bool:
+    device = jax.devices()[0]
+    version = str(getattr(getattr(device, "client", None), "platform_version", "")).lower()
+    return device.platform == "gpu" and "rocm" not in version
+
+
 def cudnn_packed_attention(q: Array, k: Array, v: Array, sample_lengths: Array, scale: float) -> Array:
     """Block-diagonal causal attention over packed rows with cuDNN's segment offsets (jax's
     internal `cudnn.fused_attention_stablehlo.dot_product_attention`: the public API takes no
