@@ -31,6 +31,10 @@ HELP = {
     "workers": "processes that build the data index, threads that decode images (default 2)",
     "init_adapters": "start from trained adapters: a run directory or an adapters folder "
                      "(python -m convert import-peft turns a PEFT LoRA adapter into one)",
+    "vision_lr": "with --exp full: the vision tower's peak learning rate (default: --base-lr; 0 keeps the tower "
+                 "as loaded, with no optimizer state and no backward through it)",
+    "attention": "attention kernel: auto (default: cuDNN's fused attention on an NVIDIA GPU with bf16 compute, "
+                 "XLA elsewhere), xla or cudnn",
     "base_lr": "peak learning rate of the base's own weights, with --exp full (AdamW on a float32 master "
                "copy, the schedule of the adapters; default 1e-4)",
 }
@@ -48,7 +52,7 @@ def parse(argv=None) -> TrainConfig:
         kind = {int: int, float: float, str: str}.get(type(f.default), None)
         if f.name in ("steps", "lora_r", "block_size", "stop_after"):
             kind = int
-        if f.name == "max_grad_norm":
+        if f.name in ("max_grad_norm", "vision_lr"):
             kind = float
         ap.add_argument("--" + f.name.replace("_", "-"), type=kind, default=defaults[f.name],
                         help=HELP.get(f.name, f"default: {defaults[f.name]}"))

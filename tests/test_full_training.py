@@ -228,3 +228,32 @@ def test_killed_and_resumed_full_run_ends_with_identical_parameters(embedded, fu
     for a, b in zip(jax.tree.leaves(full_run["trainable"]), jax.tree.leaves(resumed["trainable"])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert [r["step"] for r in read_metrics(str(run))] == [1, 2, 3, 4]
+
+
+def test_the_vision_tower_takes_its_own_rate_and_zero_keeps_it_as_loaded(embedded, tmp_path):
+    """--vision-lr: 0 leaves every vision weight bit-identical to the loaded one (and keeps no
+    Adam moments for them) while the language stack trains; a rate of its own moves the tower
+    and is logged as lr_vision; adapter experiments refuse it (their tower is frozen anyway)."""
+    start = jax.tree.map(np.asarray, embedded[3].params)
+    frozen = fit(config(embedded, tmp_path / "v0", vision_lr=0.0, steps=2, grad_accum=1, save_every=100), log=quiet)
+    params = frozen["trainable"]["params"]["model"]
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, params["visual"]), start["model"]["visual"])
+    moved = [not np.array_equal(np.asarray(a), b) for a, b in zip(jax.tree.leaves(params["language_model"]),
+                                                                   jax.tree.leaves(start["model"]["language_model"]))]
+    assert sum(moved) > 10
+    last = read_metrics(frozen["run_dir"])[-1]
+    assert last["lr_vision"] == 0.0 and last["lr_base"] > 0
+
+    model = embedded[3]
+    program = TrainProgram(model.config, get_experiment("full"), model.fwd, OptimizerConfig(vision_lr=0.0), 4)
+    state = program.init_state(program.new_trainable(jax.random.PRNGKey(0), model.params), {})
+    moments = state["opt_state"].inner_states["params"].inner_state[0].mu["params"]["model"]
+    assert set(moments) == {"language_model", "visual"} and not any(
+        isinstance(x, jax.Array) for x in jax.tree.leaves(moments["visual"]))  # optax's masked placeholders only
+
+    own = fit(config(embedded, tmp_path / "v1", vision_lr=1e-4, steps=2, grad_accum=1, save_every=100), log=quiet)
+    assert any(not np.array_equal(np.asarray(a), b) for a, b in zip(
+        jax.tree.leaves(own["trainable"]["params"]["model"]["visual"]), jax.tree.leaves(start["model"]["visual"])))
+    assert read_metrics(own["run_dir"])[0]["lr_vision"] < read_metrics(own["run_dir"])[0]["lr_base"]
+    with pytest.raises(TrainingError, match="vision-lr"):
+        fit(config(embedded, tmp_path / "lora", exp="B_lora", vision_lr=0.0), log=quiet)

@@ -30,6 +30,7 @@ from iada_jax.config import ForwardConfig
 from iada_jax.data.image_processing import ImageProcessorConfig
 from iada_jax.data.loader import DataConfig, SFTData
 from iada_jax.experiments import get_experiment
+from iada_jax.model.layers import resolve_attention
 from iada_jax.train.checkpoints import RunCheckpoints
 from iada_jax.train.metrics import MetricsWriter, plot_loss
 from iada_jax.train.optimizer import OptimizerConfig
@@ -59,6 +60,7 @@ class TrainConfig:
     lora_lr: float = 2e-4
     iada_lr: float = 1e-3
     base_lr: float = 1e-4  # the base's own weights (experiment full)
+    vision_lr: float | None = None  # experiment full: the vision tower's (None: base_lr; 0: kept as loaded)
     schedule: str = "cosine"
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
@@ -67,7 +69,7 @@ class TrainConfig:
     dtype: str = "bfloat16"  # compute; trainable params and optimizer state stay float32
     param_dtype: str = "bfloat16"  # the frozen base (a trained base is a float32 master copy)
     remat: str = "full"  # rematerialisation policy of a decoder layer (config.REMAT_POLICIES)
-    attention: str = "xla"
+    attention: str = "auto"  # "auto": cuDNN on an NVIDIA GPU with bf16 compute, else XLA (layers.resolve_attention)
     loss_chunk: int = 1024  # tokens per chunk of the loss head (logits [chunk, vocab] at a time)
     block_size: int | None = None  # IADA block size S (default: the experiment's, 4)
     mesh_data: int = -1
@@ -205,14 +207,21 @@ def fit(cfg: TrainConfig, log=print) -> dict:
     model = _load(cfg, mesh, log, "float32" if exp.base else cfg.param_dtype)
     mcfg = model.config
     block = exp.iada.block_size if exp.iada is not None else model.fwd.block_size
-    fwd = ForwardConfig(block_size=block, remat=cfg.remat, attention=cfg.attention, dtype=cfg.dtype)
+    attention = resolve_attention(cfg.attention, cfg.dtype)
+    if attention != cfg.attention:
+        log(f"attention: {attention} ({cfg.attention})")
+    fwd = ForwardConfig(block_size=block, remat=cfg.remat, attention=attention, dtype=cfg.dtype)
     fwd.check(mcfg.text)
 
     per_epoch = data.batches_per_epoch()
     if per_epoch == 0:
         raise TrainingError(f"fewer usable rows than one batch of {cfg.batch_size} per length bucket")
     total_steps = cfg.steps or max(1, cfg.epochs * per_epoch // cfg.grad_accum)
-    opt_cfg = OptimizerConfig(lora_lr=cfg.lora_lr, iada_lr=cfg.iada_lr, base_lr=cfg.base_lr, schedule=cfg.schedule,
+    if cfg.vision_lr is not None and not exp.base:
+        raise TrainingError(f"--vision-lr sets the vision tower's rate in full-parameter training (--exp full); "
+                            f"experiment {exp.name!r} keeps the tower frozen")
+    opt_cfg = OptimizerConfig(lora_lr=cfg.lora_lr, iada_lr=cfg.iada_lr, base_lr=cfg.base_lr, vision_lr=cfg.vision_lr,
+                              schedule=cfg.schedule,
                               warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
                               max_grad_norm=cfg.max_grad_norm)
     program = TrainProgram(mcfg, exp, fwd, opt_cfg, total_steps, cfg.grad_accum, cfg.loss_chunk)
@@ -231,7 +240,7 @@ def fit(cfg: TrainConfig, log=print) -> dict:
     with open(os.path.join(cfg.out, "config.json"), "w") as f:
         json.dump({"train": dataclasses.asdict(cfg), "lora": dataclasses.asdict(exp.lora) if exp.lora else None,
                    "iada": dataclasses.asdict(exp.iada) if exp.iada else None, "base": exp.base,
-                   "total_steps": total_steps,
+                   "total_steps": total_steps, "attention": attention,
                    "image": dataclasses.asdict(data.image_config), "index": data.index.path}, f, indent=1)
 
     ckpts = RunCheckpoints(cfg.out, keep=cfg.keep)

@@ -31,6 +31,7 @@ from iada_jax.train.loss import chunked_next_token_nll
 from iada_jax.train.optimizer import (
     BASE,
     TRAINABLE,
+    VISION,
     OptimizerConfig,
     apply_gradients,
     clip_gradients,
@@ -67,6 +68,8 @@ class TrainProgram:
         self.total_steps, self.grad_accum, self.loss_chunk = total_steps, grad_accum, loss_chunk
         self.dropout = exp.lora is not None and exp.lora.lora_dropout > 0
         self.collections = TRAINABLE + ((BASE,) if exp.base else ())
+        # The vision tower takes no gradient unless it trains (a frozen base, or vision_lr 0).
+        self.frozen_vision = not exp.base or opt.vision_lr == 0
         self.tx = make_optimizer(opt, total_steps, self.collections)
         self.schedules = {c: learning_rate_schedule(lr, total_steps, opt) for c, lr in peak_learning_rates(opt).items()}
         self.step = jax.jit(self._step, donate_argnums=0)
@@ -122,7 +125,8 @@ class TrainProgram:
     def learning_rates(self, step: int) -> dict[str, float]:
         """The learning rate each trained collection ("lora", "iada", "base") had at optimizer
         step `step` (0-based)."""
-        trained = {"lora": self.exp.lora is not None, "iada": self.exp.iada is not None, BASE: self.exp.base}
+        trained = {"lora": self.exp.lora is not None, "iada": self.exp.iada is not None, BASE: self.exp.base,
+                   VISION: self.exp.base}
         return {"base" if c == BASE else c: float(self.schedules[c](step)) for c in self.schedules if trained[c]}
 
     # ------------------------------------------------------------------ the step
@@ -133,7 +137,7 @@ class TrainProgram:
         params = trainable[BASE] if self.exp.base else frozen[BASE]
         adapters = {c: v for c, v in trainable.items() if c != BASE}
         hidden, _ = forward(params, batch, cfg=self.cfg, fwd=self.fwd, lora=self.exp.lora, iada=self.exp.iada,
-                            adapters=adapters, dropout_rng=dropout_rng, logits=False, frozen_vision=not self.exp.base)
+                            adapters=adapters, dropout_rng=dropout_rng, logits=False, frozen_vision=self.frozen_vision)
         head, layout = lm_head_weight(params, self.cfg)
         return chunked_next_token_nll(hidden, head, batch, self.loss_chunk, layout)
 
