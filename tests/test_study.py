@@ -171,10 +171,18 @@ def test_the_quick_study_writes_the_table_results_and_figures(quick_study):
     assert set(weights) == {"perception", "reasoning", "gates"}
     for rows in weights["reasoning"]["text"]:
         assert sum(rows) == pytest.approx(1.0, abs=1e-4)
-    # stage 0 trained every weight (the base moved), stage 1 only adapters
-    assert os.path.isdir(os.path.join(out, "stage0", "final", "model"))
+    # stage 0 trained the language stack from random initialisation and kept the vision tower at
+    # its random initialisation (stage0_vision_lr 0); stage 1 only adapters
     losses = [json.loads(line)["loss"] for line in open(os.path.join(out, "stage0", "metrics.jsonl"))]
     assert len(losses) == 6 and all(np.isfinite(losses))
+    import iada_jax
+
+    init, base = (iada_jax.load_pretrained(os.path.join(out, *p)).params["model"]
+                  for p in (("init",), ("stage0", "final", "model")))
+    for a, b in zip(jax.tree.leaves(init["visual"]), jax.tree.leaves(base["visual"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert sum(not np.array_equal(np.asarray(a), np.asarray(b))
+               for a, b in zip(jax.tree.leaves(init["language_model"]), jax.tree.leaves(base["language_model"]))) > 10
 
 
 def test_a_finished_study_is_reused_not_retrained(quick_study, capsys):

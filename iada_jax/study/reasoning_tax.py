@@ -1,12 +1,14 @@
 """The reasoning-tax study: the paper's Table 1 in miniature, on the synthetic world.
 
-    python -m iada_jax.study.reasoning_tax                 # the study (about 30 min on 2 CPU cores)
+    python -m iada_jax.study.reasoning_tax                 # the study (about 40 min on 2 CPU cores)
     python -m iada_jax.study.reasoning_tax --quick         # a small smoke run (the test suite's)
     python -m iada_jax.study.reasoning_tax --out runs/study_all_descriptive --short-fraction 0 \
         --base runs/study/stage0/final/model --conditions A_pretrained,B_lora,D_iada_lora   # a variation
 
-Stage 0: a small Qwen3-VL (study/model.py) from random initialisation, every weight trained
-(`train.py --exp full`) on the world's mix of perception, reasoning and text-only questions.
+Stage 0: a small Qwen3-VL (study/model.py) from random initialisation, trained in full
+(`train.py --exp full`) on the world's mix of perception, reasoning and text-only questions,
+except its vision tower, which stays at its random initialisation (`--vision-lr 0`: trained at
+the same rate, tower and language stack learned only the answers' priors).
 Stage 1: that base, frozen, fine-tuned on perception-style instruction data only (mostly
 descriptive answers) under the paper's conditions A (no fine-tuning), B (LoRA), C (fixed-query
 AttnRes + LoRA), D (IADA + LoRA) and the ablations that fit (no modality split, token-level
@@ -47,8 +49,13 @@ class StudyConfig:
     block_size: int = 2  # IADA boundary spacing S (divides the layers)
     batch_size: int = 32
     stage0_rows: int = 20000
-    stage0_steps: int = 800
+    stage0_steps: int = 1600  # 800 left reasoning and text at their answer priors (README)
     stage0_lr: float = 2e-3
+    # The vision tower's rate in stage 0 (0: it stays at its random initialisation, a fixed random
+    # feature map). Trained at stage0_lr, the tower and the language stack learned only the
+    # answers' priors in 800 steps (README, the study's first run); weight decay as in the probe.
+    stage0_vision_lr: float = 0.0
+    stage0_weight_decay: float = 0.01
     stage1_rows: int = 4000
     stage1_steps: int = 100
     stage1_batch: int = 16
@@ -131,7 +138,8 @@ def stage0(cfg: StudyConfig, paths: dict) -> str:
     out = os.path.join(cfg.out, "stage0")
     _log(f"stage 0: full-parameter training, {cfg.stage0_steps} steps of {cfg.batch_size}")
     _train(cfg, out, model=paths["init"], data=paths["stage0"], exp="full", steps=cfg.stage0_steps,
-           base_lr=cfg.stage0_lr, max_length=64, buckets=(64,), seed=0)
+           base_lr=cfg.stage0_lr, vision_lr=cfg.stage0_vision_lr, weight_decay=cfg.stage0_weight_decay,
+           max_length=64, buckets=(64,), seed=0)
     return os.path.join(out, "final", "model")
 
 
