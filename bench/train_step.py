@@ -135,9 +135,9 @@ def build_jax_case(cfg, case: Case, args):
 
     from convert.random_init import random_params
     from iada_jax.config import ForwardConfig
-    from iada_jax.model.layers import resolve_attention
     from iada_jax.data.loader import collate
     from iada_jax.experiments import get_experiment
+    from iada_jax.model.layers import resolve_attention
     from iada_jax.train.optimizer import OptimizerConfig
     from iada_jax.train.step import TrainProgram
 
@@ -365,8 +365,8 @@ def measure_layouts(cfg, args) -> dict:
 
     from convert.random_init import random_params
     from iada_jax.config import ForwardConfig
-    from iada_jax.model.layers import resolve_attention
     from iada_jax.experiments import get_experiment
+    from iada_jax.model.layers import resolve_attention
     from iada_jax.train.optimizer import OptimizerConfig
     from iada_jax.train.step import TrainProgram
 
@@ -532,7 +532,8 @@ def _summary(stack, cfg, case, times, adapter_params, args, **extra) -> dict:
     flops = step_flops(cfg, case, adapter_params, args.tiny)
     peak = args.peak_tflops
     return dict(kind="step", stack=stack, **dataclasses.asdict(case), dtype=args.dtype, remat=args.remat,
-                attention="sdpa" if stack == "torch" else args.attention, step_s=step_s, tokens_per_s=case.batch * case.seq / step_s,
+                attention="sdpa" if stack == "torch" else args.attention, step_s=step_s,
+                tokens_per_s=case.batch * case.seq / step_s,
                 model_tflops=flops / step_s / 1e12, mfu=None if not peak else flops / step_s / (peak * 1e12),
                 adapter_params=adapter_params, **extra)
 

@@ -96,21 +96,28 @@ def test_the_report_has_the_table_ratios_and_logs(cpu_run):
     assert "===== parity" in log and "===== train.py" in log
 
 
-def _fake_step(stack, exp, batch, tokens_per_s, step_s, images=0):
+def _fake_step(stack, exp, batch, tokens_per_s, step_s, images=0, attention=None):
+    attention = attention or ("sdpa" if stack == "torch" else "cudnn")  # what a GPU run records by default
     return dict(kind="step", status="ok", stack=stack, exp=exp, seq=2048, images=images, batch=batch,
-                attention="xla", remat="full", tokens_per_s=tokens_per_s, step_s=step_s, model_tflops=1.0, device="H200")
+                attention=attention, remat="full", tokens_per_s=tokens_per_s, step_s=step_s, model_tflops=1.0,
+                device="H200")
 
 
 def test_ratios_compare_same_shapes_only():
     rows = [_fake_step("jax", "D_iada_lora", 8, 3000, 1.03), _fake_step("jax", "B_lora", 8, 3100, 1.0),
-            _fake_step("torch", "B_lora", 8, 2000, 1.5), _fake_step("jax", "D_iada_lora", 16, 3000, 2.0)]
+            _fake_step("torch", "B_lora", 8, 2000, 1.5), _fake_step("jax", "D_iada_lora", 16, 3000, 2.0),
+            _fake_step("jax", "D_iada_lora", 8, 1800, 1.7, attention="xla")]
     r = device_run.ratios(rows)
-    assert r["D_iada_lora / torch B_lora tokens/s, seq 2048 img 0 b8"] == pytest.approx(1.5)
-    assert r["B_lora / torch B_lora tokens/s, seq 2048 img 0 b8"] == pytest.approx(1.55)
-    assert r["D_iada_lora step time over B_lora - 1 (IADA's share), seq 2048 img 0 b8"] == pytest.approx(0.03)
+    assert r["D_iada_lora / torch B_lora tokens/s, seq 2048 img 0 b8 cudnn"] == pytest.approx(1.5)
+    assert r["B_lora / torch B_lora tokens/s, seq 2048 img 0 b8 cudnn"] == pytest.approx(1.55)
+    assert r["D_iada_lora step time over B_lora - 1 (IADA's share), seq 2048 img 0 b8 cudnn"] == pytest.approx(0.03)
+    # the XLA-attention row is compared with the PyTorch step, never with the cuDNN B_lora row
+    assert r["D_iada_lora / torch B_lora tokens/s, seq 2048 img 0 b8"] == pytest.approx(0.9)
+    assert not any("b8" in k and "IADA's share" in k and "cudnn" not in k for k in r)
     assert not any("b16" in k for k in r)  # no baseline at micro-batch 16
-    assert "| H200 | jax | D_iada_lora | 2048 | 0 | 8 | xla | full | 1.030 | 3000 | 1.50x |" in device_run.markdown(
-        rows, 510, cpu=False)
+    md = device_run.markdown(rows, 510, cpu=False)
+    assert "| H200 | jax | D_iada_lora | 2048 | 0 | 8 | cudnn | full | 1.030 | 3000 | 1.50x |" in md
+    assert "| H200 | torch | B_lora | 2048 | 0 | 8 | sdpa | full |" in md
 
 
 def test_decode_rows_give_the_generation_table_and_ratio():
@@ -128,9 +135,17 @@ def test_decode_rows_give_the_generation_table_and_ratio():
     assert "3.20x (target 3x); first 8 tokens equal in 75% of samples" in md
 
 
-def test_the_gpu_plan_runs_packed_against_bucketed_after_decode():
-    names = [c.name for c in device_run.plan(cpu=False)]
-    assert names.index("packing") == names.index("decode") + 1
+def test_the_gpu_plan_runs_the_default_attention_first_then_packing_and_train_py():
+    """After the first GPU run: the step rows use train.py's default attention ("auto", cuDNN on
+    the GPU) and come first, with B beside D for IADA's share; packing and train.py follow the
+    image row; one XLA row is kept for reference."""
+    plan = device_run.plan(cpu=False)
+    names = [c.name for c in plan]
+    assert names[3:7] == ["step-D-b8-text", "step-B-b8-text", "step-torch-B-b8-text", "step-D-b8-img1"]
+    assert names[7:9] == ["packing", "train.py"]
+    assert not any("--attention" in c.args for c in plan if c.name != "step-D-b8-text-xla")
+    xla = next(c for c in plan if c.name == "step-D-b8-text-xla").args
+    assert xla[xla.index("--attention") + 1] == "xla"
     args = " ".join(next(c for c in device_run.plan(cpu=False) if c.name == "packing").args)
     assert "--exp D_iada_lora --lengths llava --pack --seq 2048 --batch 16 --pack-batch 4" in args
     assert "--tiny" not in args and "--dtype bfloat16" in args

@@ -109,6 +109,9 @@ def _experiment(cfg: TrainConfig):
     if not exp.trains:
         raise TrainingError(f"experiment {cfg.exp!r} trains nothing (it is the pre-trained baseline)")
     start = None
+    if cfg.vision_lr is not None and not exp.base:  # before a model is loaded
+        raise TrainingError(f"--vision-lr sets the vision tower's rate in full-parameter training (--exp full); "
+                            f"experiment {exp.name!r} keeps the tower frozen")
     if cfg.init_adapters and exp.base:
         raise TrainingError(f"--init-adapters: experiment {exp.name!r} trains the base itself and has no adapters to "
                             "start from; to continue from a full run, pass its RUN/final/model as --model")
@@ -217,12 +220,8 @@ def fit(cfg: TrainConfig, log=print) -> dict:
     if per_epoch == 0:
         raise TrainingError(f"fewer usable rows than one batch of {cfg.batch_size} per length bucket")
     total_steps = cfg.steps or max(1, cfg.epochs * per_epoch // cfg.grad_accum)
-    if cfg.vision_lr is not None and not exp.base:
-        raise TrainingError(f"--vision-lr sets the vision tower's rate in full-parameter training (--exp full); "
-                            f"experiment {exp.name!r} keeps the tower frozen")
     opt_cfg = OptimizerConfig(lora_lr=cfg.lora_lr, iada_lr=cfg.iada_lr, base_lr=cfg.base_lr, vision_lr=cfg.vision_lr,
-                              schedule=cfg.schedule,
-                              warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
+                              schedule=cfg.schedule, warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
                               max_grad_norm=cfg.max_grad_norm)
     program = TrainProgram(mcfg, exp, fwd, opt_cfg, total_steps, cfg.grad_accum, cfg.loss_chunk)
 
