@@ -159,25 +159,33 @@ def evaluate(cfg: StudyConfig, base: str, paths: dict, run: str | None, out_file
     if os.path.isfile(out_file):
         with open(out_file) as f:
             return json.load(f)
-    from transformers import AutoTokenizer
-
-    import iada_jax
-    from iada_jax.adapters import load_adapters
-    from iada_jax.config import ForwardConfig
     from iada_jax.evaluation.benchmarks.world import BENCHMARKS
-    from iada_jax.evaluation.runner import EvalConfig, Evaluator
+    from iada_jax.evaluation.runner import EvalConfig
 
-    trained = load_adapters(run) if run else None
-    model = iada_jax.load_pretrained(base, fwd=ForwardConfig(block_size=cfg.block_size))
-    evaluator = Evaluator(model, AutoTokenizer.from_pretrained(base), progress=False,
-                          lora=trained and trained.lora, iada=trained and trained.iada,
-                          adapters=trained and trained.variables,
-                          cfg=EvalConfig(batch_size=cfg.eval_batch, max_length=64, max_new_tokens=6))
+    _, _, evaluator = _evaluator(cfg, base, run, EvalConfig(batch_size=cfg.eval_batch, max_length=64,
+                                                             max_new_tokens=6))
     folder = os.path.dirname(out_file)
     scores = {g: evaluator.run(BENCHMARKS[f"world_{g}"], paths[g], os.path.join(folder, "eval")) for g in SETS}
     with open(out_file, "w") as f:
         json.dump(scores, f, indent=1)
     return scores
+
+
+def _evaluator(cfg: StudyConfig, base: str, run: str | None, eval_cfg):
+    """(model, trained adapters or None, Evaluator with them) of the base and a stage-1 run."""
+    from transformers import AutoTokenizer
+
+    import iada_jax
+    from iada_jax.adapters import load_adapters
+    from iada_jax.config import ForwardConfig
+    from iada_jax.evaluation.runner import Evaluator
+
+    trained = load_adapters(run) if run else None
+    model = iada_jax.load_pretrained(base, fwd=ForwardConfig(block_size=cfg.block_size))
+    evaluator = Evaluator(model, AutoTokenizer.from_pretrained(base), progress=False,
+                          lora=trained and trained.lora, iada=trained and trained.iada,
+                          adapters=trained and trained.variables, cfg=eval_cfg)
+    return model, trained, evaluator
 
 
 def condition_run(cfg: StudyConfig, base: str, paths: dict, condition: str, seed: int) -> dict:
@@ -289,21 +297,14 @@ def depth_figure(cfg: StudyConfig, base: str, paths: dict, run: str, path: str) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
-    from transformers import AutoTokenizer
 
-    import iada_jax
-    from iada_jax.adapters import load_adapters
-    from iada_jax.config import ForwardConfig
     from iada_jax.data.loader import collate
     from iada_jax.evaluation.benchmarks.world import BENCHMARKS
-    from iada_jax.evaluation.runner import EvalConfig, Evaluator
+    from iada_jax.evaluation.runner import EvalConfig
     from iada_jax.study.depth_weights import depth_weights
 
-    trained = load_adapters(run)
-    fwd = ForwardConfig(block_size=cfg.block_size)
-    model = iada_jax.load_pretrained(base, fwd=fwd)
-    evaluator = Evaluator(model, AutoTokenizer.from_pretrained(base), progress=False,
-                          cfg=EvalConfig(max_length=64, system_prompt=None))
+    model, trained, evaluator = _evaluator(cfg, base, run, EvalConfig(max_length=64, system_prompt=None))
+    fwd = model.fwd
     weights = {}
     for g in ("perception", "reasoning"):
         samples = BENCHMARKS[f"world_{g}"].load(paths[g], limit=64)
