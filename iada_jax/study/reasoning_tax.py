@@ -402,6 +402,9 @@ def run_study(cfg: StudyConfig) -> dict:
 
 
 def main(argv=None) -> int:
+    # On a GPU, every process of the study (stage 0 here, stage-1 runs in --jobs processes) would
+    # otherwise take 75% of the device's memory at start: a 1M-parameter model needs megabytes.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     ap = argparse.ArgumentParser(prog="python -m iada_jax.study.reasoning_tax", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/study")
