@@ -142,7 +142,9 @@ def test_the_gpu_plan_runs_the_default_attention_first_then_packing_and_train_py
     plan = device_run.plan(cpu=False)
     names = [c.name for c in plan]
     assert names[3:7] == ["step-D-b8-text", "step-B-b8-text", "step-torch-B-b8-text", "step-D-b8-img1"]
-    assert names[7:9] == ["packing", "train.py"]
+    assert names[7:10] == ["packing", "step-D-b32-s256-img1", "train.py"]
+    bare = " ".join(plan[8].args)  # train.py's shapes (device_run.Runner._train_py), compared in ratios()
+    assert "--batch 32 --images 1" in bare and "--seq 256" in bare
     assert not any("--attention" in c.args for c in plan if c.name != "step-D-b8-text-xla")
     xla = next(c for c in plan if c.name == "step-D-b8-text-xla").args
     assert xla[xla.index("--attention") + 1] == "xla"
