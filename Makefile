@@ -4,7 +4,7 @@
 #   make test   the test suite (what CI runs); make test-slow: the slow set it leaves out
 #   make eval   the paper's benchmark table on the embedded model and benchmark fixtures, and the
 #               synthetic world's held-out perception / reasoning / text sets
-#   make study  the reasoning-tax study on the synthetic world (about 40 min on 2 CPU cores)
+#   make study  the reasoning-tax study on the synthetic world (about 27 min on 2 CPU cores)
 #   make parity our logits against transformers' on a tiny random model
 PYTHON ?= python3
 VENV := .venv

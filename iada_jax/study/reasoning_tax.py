@@ -1,6 +1,6 @@
 """The reasoning-tax study: the paper's Table 1 in miniature, on the synthetic world.
 
-    python -m iada_jax.study.reasoning_tax                 # the study (about 40 min on 2 CPU cores)
+    python -m iada_jax.study.reasoning_tax                 # the study (about 27 min on 2 CPU cores, 6 on a GPU)
     python -m iada_jax.study.reasoning_tax --quick         # a small smoke run (the test suite's)
     python -m iada_jax.study.reasoning_tax --out runs/study_all_descriptive --short-fraction 0 \
         --base runs/study/stage0/final/model --conditions A_pretrained,B_lora,D_iada_lora   # a variation
@@ -118,7 +118,11 @@ def _train(cfg: StudyConfig, out: str, **kw) -> None:
         return
     pixels = cfg.image_size**2
     # resume: a run killed part-way continues from its last checkpoint (or starts again without one)
-    settings = dict(batch_size=cfg.batch_size, grad_accum=1, dtype="float32", param_dtype="float32", remat="none",
+    # remat "qkv" (keep the projections' outputs, recompute the rest in the backward pass): on
+    # the CPU a 1M-parameter step is bound by the copies that stack the scanned layers' saved
+    # activations, not by arithmetic; measured 2026-11-30 on 2 cores, stage 0's step is about 30%
+    # faster than with "none" (stage 1's B_lora about 17%), the same as unrolling the scans.
+    settings = dict(batch_size=cfg.batch_size, grad_accum=1, dtype="float32", param_dtype="float32", remat="qkv",
                     block_size=cfg.block_size, save_every=100, keep=1, min_pixels=pixels, max_pixels=pixels,
                     warmup_ratio=0.05, index_cache=os.path.join(cfg.out, "index"), progress=False, resume=True)
     settings.update(kw)
@@ -369,14 +373,18 @@ def run_study(cfg: StudyConfig) -> dict:
         json.dump(dataclasses.asdict(cfg), f, indent=1)
     paths = prepare(cfg)
     base = cfg.base or stage0(cfg, paths)
-    tasks = [(cfg, base, paths, c, s) for c in cfg.conditions for s in (cfg.seeds if c != "A_pretrained" else (0,))]
+    # Seed-major order: the jobs running at once train different conditions, so each condition's
+    # programs are compiled once (by its first seed) and its other seeds read them from the cache;
+    # condition-major, two seeds of a condition compiled the same programs side by side.
+    tasks = [(cfg, base, paths, c, 0) for c in cfg.conditions if c == "A_pretrained"]  # no training: one run
+    tasks += [(cfg, base, paths, c, s) for s in cfg.seeds for c in cfg.conditions if c != "A_pretrained"]
     if cfg.jobs > 1 and len(tasks) > 1:
         import concurrent.futures
         import multiprocessing
 
         # Separate processes: a small model's step leaves CPU cores idle that another run fills.
-        with concurrent.futures.ProcessPoolExecutor(cfg.jobs, mp_context=multiprocessing.get_context("spawn"),
-                                                    max_tasks_per_child=1) as pool:
+        # Each process takes task after task (imports, about 6 s, paid once), as --jobs 1 does.
+        with concurrent.futures.ProcessPoolExecutor(cfg.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             done = list(pool.map(condition_run, *zip(*tasks)))
     else:
         done = [condition_run(*t) for t in tasks]
