@@ -120,6 +120,18 @@ def test_ratios_compare_same_shapes_only():
     assert "| H200 | torch | B_lora | 2048 | 0 | 8 | sdpa | full |" in md
 
 
+def test_train_py_is_compared_with_the_bare_step_of_its_own_shapes():
+    """train.py's padded tokens/s against the bare step's at the same batch, sequence and images,
+    with the real fraction in the label (the second GPU run compared 2048-token buckets 89%
+    padding, which cuDNN skips, with full rows)."""
+    bare = dict(_fake_step("jax", "D_iada_lora", 32, 40000, 0.2048, images=1), seq=256)
+    other = _fake_step("jax", "D_iada_lora", 8, 35000, 0.47, images=1)  # seq 2048: not train.py's shape
+    train = dict(kind="train_py", status="ok", exp="D_iada_lora", seq=256, images=1, batch=32, attention="cudnn",
+                 padded_tokens_per_s=38000.0, real_tokens_per_s=34960.0)
+    r = device_run.ratios([bare, other, train])
+    assert r == {"train.py padded tokens/s over the bare step's, b32 seq 256 (real fraction 92%)": pytest.approx(0.95)}
+
+
 def test_decode_rows_give_the_generation_table_and_ratio():
     def stack(tokens_per_s, compile_s=None):
         return dict(device="H200", generate_s=1024 / tokens_per_s, tokens_per_s=tokens_per_s, first_call_s=40.0,
