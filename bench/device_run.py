@@ -75,6 +75,13 @@ def _layouts(needs, limit, *extra) -> CaseSpec:
     return CaseSpec("packing", "layouts", needs, limit, args)
 
 
+# train.py's case on the GPU (micro-batch, accumulation, bucket length): the embedded synthetic
+# rows (one 448x448 image, about 235 tokens) fill a 256-token bucket. A bare step of the same
+# shapes runs just before it, for ratios(); in 2048-token buckets (the second GPU run) 89% was
+# padding that cuDNN skips, which made train.py look faster than the step.
+TRAIN_PY_GPU = (32, 2, 256)
+
+
 def plan(cpu: bool) -> list[CaseSpec]:
     if cpu:  # tiny dimensions, float32, few steps: the program, not the numbers; longest first (2 at a time)
         tiny = ("--tiny", "--seq", "64", "--dtype", "float32", "--block-size", "2", "--steps", "2", "--warmup", "1")
@@ -102,10 +109,8 @@ def plan(cpu: bool) -> list[CaseSpec]:
         _step("step-D-b8-img1", "jax", "D_iada_lora", 8, 1, 60, 300),
         _layouts(150, 420, "--seq", "2048", "--batch", "16", "--pack-batch", "4", "--samples", "256", "--passes", "2",
                  "--dtype", "bfloat16"),
-        # train.py against the bare step on the same shapes: the embedded synthetic rows (one
-        # 448x448 image, about 235 tokens) fill 256-token buckets; in 2048-token ones (the second
-        # GPU run) 89% was padding that cuDNN skips, which made train.py look faster than the step.
-        _step("step-D-b32-s256-img1", "jax", "D_iada_lora", 32, 1, 60, 200, "--seq", "256"),
+        _step(f"step-D-b{TRAIN_PY_GPU[0]}-s{TRAIN_PY_GPU[2]}-img1", "jax", "D_iada_lora", TRAIN_PY_GPU[0], 1, 60, 200,
+              "--seq", str(TRAIN_PY_GPU[2])),  # train.py's shapes, for ratios()
         CaseSpec("train.py", "train_py", 150, 300),
         _step("step-D-b16-text", "jax", "D_iada_lora", 16, 0, 60, 300),
         CaseSpec("decode", "decode", 90, 240, ("--batch", "16", "--prompt", "1024", "--new", "64", "--dtype", "bfloat16")),
@@ -291,8 +296,7 @@ class Runner:
         work = tempfile.mkdtemp(prefix="device_run_train_")
         model, data, run = (os.path.join(work, n) for n in ("model", "data", "run"))
         preset, rows, size = ("tiny", 64, 64) if self.cpu else ("qwen3-vl-2b", 4096, 448)
-        # the GPU's rows fill a 256-token bucket: compared with step-D-b32-s256-img1 (the same shapes)
-        batch, accum, length = (2, 2, 128) if self.cpu else (32, 2, 256)
+        batch, accum, length = (2, 2, 128) if self.cpu else TRAIN_PY_GPU
         dtype = "float32" if self.cpu else "bfloat16"
         steps = [
             [sys.executable, "-m", "convert", "random-init", "--preset", preset, model, "--dtype", dtype],

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The reasoning-tax study on the GPU machine (the device tool), inside a time limit: wheels from
-# .whl/ (as bench/device_run.sh), then `python -m iada_jax.study.reasoning_tax` with the given
+# .whl/ (bench/device_wheels.sh), then `python -m iada_jax.study.reasoning_tax` with the given
 # flags; its log, table, results and figures land in $OUT (default bench/results/) as study_*.
 #
 #   bench/study_gpu.sh SECONDS [study flags ...]      e.g. bench/study_gpu.sh 300 --jobs 4
@@ -12,15 +12,11 @@ cd "$(dirname "$0")/.."
 limit="${1:?seconds}"; shift
 out="${OUT:-bench/results}"
 mkdir -p "$out"
-if compgen -G ".whl/*.whl" > /dev/null; then
-    site="${TMPDIR:-/tmp}/iada_device_site"
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl \
-        && export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
-fi
+source bench/device_wheels.sh  # the wheels carried in .whl/
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee "$out/study.log"
 start=$(date +%s)
-timeout "$limit" python3 -m iada_jax.study.reasoning_tax --out /tmp/iada_study "$@" 2>&1 | tee -a "$out/study.log"
+timeout "$limit" "${PYTHON:-python3}" -m iada_jax.study.reasoning_tax --out /tmp/iada_study "$@" 2>&1 | tee -a "$out/study.log"
 echo "study_gpu: exit ${PIPESTATUS[0]} after $(( $(date +%s) - start )) s (limit $limit s)" | tee -a "$out/study.log"
 for f in table.md results.json reasoning_tax.png depth_weights.png; do
     [ -f "/tmp/iada_study/$f" ] && cp "/tmp/iada_study/$f" "$out/study_$f"
